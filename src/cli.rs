@@ -1,0 +1,178 @@
+//! The command line: one subcommand per job; each module owns its `Args` and its `run`.
+
+use crate::config::{self, ProcessEnv};
+use crate::error::{code, Error, Result};
+use crate::exec::{self, RealProbe};
+use crate::plan::{self, Request, Strategy};
+use crate::{elf, interp, logging};
+use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nixqimg",
+    version,
+    about = "Run foreign programs under qemu-user through binfmt_misc, and build NixOS cloud images without a VM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a foreign program the way the binfmt interpreter would (for debugging).
+    Exec(ExecArgs),
+    /// Register nixqimg in binfmt_misc for foreign systems.
+    Register(crate::binfmt::Args),
+    /// Remove nixqimg's binfmt_misc entries.
+    Unregister(crate::binfmt::Args),
+    /// Show every binfmt_misc registration and what serves each system.
+    Status(crate::binfmt::Args),
+    /// Run a command in a private user+mount namespace with its own binfmt_misc holding nixqimg.
+    Ns(crate::binfmt::Args),
+    /// Explain why foreign programs or builds fail here, and name the fix.
+    Doctor(crate::doctor::Args),
+    /// Print the Nix settings (extra-platforms, extra-sandbox-paths) nixqimg needs.
+    NixConfig(crate::nix::Args),
+    /// Build a NixOS image with Nix, for one or more systems.
+    Build(crate::nix::Args),
+    /// Assemble a bootable disk image from a NixOS system closure, without a VM.
+    Image(crate::image::Args),
+    /// Make a NoCloud seed volume for cloud-init.
+    Seed(crate::seed::Args),
+    /// Boot an image in QEMU.
+    Run(crate::qemu::Args),
+    /// Write an image onto a disk or file.
+    Write(crate::write::Args),
+    /// Keep the BIOS loader's configuration in step with systemd-boot's entries.
+    Bootloader(crate::bootloader::Args),
+}
+
+#[derive(Debug, clap::Args)]
+struct ExecArgs {
+    #[arg(long, default_value = "auto", value_parser = parse_strategy)]
+    strategy: Strategy,
+    /// Print the argv nixqimg would exec and the facts that chose it, then exit.
+    #[arg(long)]
+    explain: bool,
+    /// The foreign program.
+    #[arg(required = true)]
+    binary: PathBuf,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<OsString>,
+}
+
+fn parse_strategy(s: &str) -> std::result::Result<Strategy, String> {
+    s.parse()
+        .map_err(|_| format!("'{s}' is not auto, direct or loader-first"))
+}
+
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { code::USAGE } else { 0 });
+        }
+    };
+    let _log = logging::init(std::env::var("NIXQIMG_LOG").ok().as_deref(), None);
+    let res = match cli.cmd {
+        Cmd::Exec(a) => exec_cmd(a),
+        Cmd::Register(a) => crate::binfmt::run(a),
+        Cmd::Unregister(a) => crate::binfmt::run(a),
+        Cmd::Status(a) => crate::binfmt::run(a),
+        Cmd::Ns(a) => crate::binfmt::run(a),
+        Cmd::Doctor(a) => crate::doctor::run(a),
+        Cmd::NixConfig(a) => crate::nix::run(a),
+        Cmd::Build(a) => crate::nix::run(a),
+        Cmd::Image(a) => crate::image::run(a),
+        Cmd::Seed(a) => crate::seed::run(a),
+        Cmd::Run(a) => crate::qemu::run(a),
+        Cmd::Write(a) => crate::write::run(a),
+        Cmd::Bootloader(a) => crate::bootloader::run(a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "nixqimg: {e}");
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+/// Shell-quotes one argument for display (`--explain`), byte-exact for non-UTF-8.
+pub fn shell_quote(a: &std::ffi::OsStr) -> String {
+    let s = a.to_string_lossy();
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn exec_cmd(a: ExecArgs) -> Result<()> {
+    let self_exe = std::fs::read_link("/proc/self/exe").ok();
+    let mut cfg = config::load(self_exe.as_deref(), &ProcessEnv, false);
+    if a.strategy != Strategy::Auto {
+        cfg.strategy = a.strategy;
+    }
+    let shown = a.binary.display().to_string();
+    let file = std::fs::File::open(&a.binary).map_err(|e| {
+        Error::new(format!("{shown}: cannot open: {e}")).code(
+            if e.kind() == std::io::ErrorKind::NotFound {
+                code::NOT_FOUND
+            } else {
+                code::CANNOT_EXEC
+            },
+        )
+    })?;
+    let facts = elf::read(&file)
+        .map_err(|e| Error::new(format!("{shown}: {e}")).code(code::CANNOT_EXEC))?;
+    let qemu = interp::find_qemu(&cfg, facts.arch, &RealProbe).ok_or_else(|| {
+        Error::new(format!("{shown}: no qemu-{} found", facts.arch.qemu))
+            .hint("install qemu-user-static or set NIXQIMG_QEMU_DIR")
+            .code(code::NOT_FOUND)
+    })?;
+    cfg.sysroots
+        .push(Path::new("/usr").join(facts.arch.gnu_triplet));
+    let req = Request {
+        program: a.binary.as_os_str(),
+        path: a.binary.as_os_str(),
+        argv0: a.binary.as_os_str(),
+        args: &a.args,
+        env: interp::environ(),
+        facts: &facts,
+        qemu,
+        strategy: cfg.strategy,
+        sysroots: &cfg.sysroots,
+        page_size: exec::page_size(),
+        secure: false,
+    };
+    let plan = plan::plan(&req, &RealProbe)
+        .map_err(|e| Error::new(format!("{shown}: {e}")).code(code::NOT_FOUND))?;
+    if a.explain {
+        let mut out = String::new();
+        for w in cfg.warnings.iter().chain(plan.why.iter()) {
+            out.push_str("# ");
+            out.push_str(w);
+            out.push('\n');
+        }
+        let line: Vec<String> = plan.argv.iter().map(|s| shell_quote(s)).collect();
+        out.push_str(&line.join(" "));
+        out.push('\n');
+        let _ = std::io::stdout().write_all(out.as_bytes());
+        return Ok(());
+    }
+    let e = exec::exec(&plan);
+    Err(
+        Error::new(format!("{shown}: cannot exec {}: {e}", plan.exe.display()))
+            .code(code::CANNOT_EXEC),
+    )
+}

@@ -1,0 +1,514 @@
+//! Bounded reading of the few ELF facts the planner needs: machine, type, PT_INTERP, the lowest fixed
+//! load address, and from PT_DYNAMIC the DT_NEEDED, DT_RUNPATH and DT_RPATH strings.
+//!
+//! Every ELF is hostile input: each read is a `pread` of a size we chose, every offset and count is
+//! checked before use, and nothing here can panic or allocate in proportion to a field of the file.
+
+use crate::arch::{self, Arch, Class, Endian};
+use goblin::container::{Container, Ctx};
+use goblin::elf::program_header::{ProgramHeader, PT_DYNAMIC, PT_INTERP, PT_LOAD};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+pub const ET_EXEC: u16 = 2;
+pub const ET_DYN: u16 = 3;
+
+/// The kernel refuses program header tables over 64 KiB; so do we.
+const MAX_PHDRS_BYTES: usize = 64 * 1024;
+/// PT_INTERP is a path: the kernel caps it at PATH_MAX.
+const MAX_INTERP: u64 = 4096;
+/// Enough for every dynamic section seen in practice (a few hundred entries).
+const MAX_DYNAMIC_BYTES: u64 = 64 * 1024;
+/// DT_NEEDED/RUNPATH strings are read from one window of .dynstr at most this large.
+const MAX_STRTAB_WINDOW: u64 = 256 * 1024;
+/// A single path string (RUNPATH may list several dirs).
+const MAX_STR: usize = 8192;
+/// Programs with more than this many DT_NEEDED are real, but we only check the first ones.
+const MAX_NEEDED: usize = 64;
+
+const DT_NULL: u64 = 0;
+const DT_NEEDED: u64 = 1;
+const DT_STRTAB: u64 = 5;
+const DT_STRSZ: u64 = 10;
+const DT_RPATH: u64 = 15;
+const DT_RUNPATH: u64 = 29;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElfFacts {
+    pub arch: &'static Arch,
+    pub e_type: u16,
+    /// PT_INTERP without its NUL.
+    pub interp: Option<Vec<u8>>,
+    /// DT_RUNPATH if present, else DT_RPATH (ld.so ignores RPATH when RUNPATH exists).
+    pub runpath: Option<Vec<u8>>,
+    /// True when the search path came from DT_RPATH (bootstrap-tools' forced RPATH).
+    pub runpath_is_rpath: bool,
+    pub needed: Vec<Vec<u8>>,
+    /// Lowest PT_LOAD address rounded down to the guest's 4 KiB page: what qemu must reserve at a
+    /// fixed place for an ET_EXEC image.
+    pub lowest_load: Option<u64>,
+    pub highest_load: Option<u64>,
+}
+
+#[derive(Debug)]
+pub enum ElfError {
+    Io(io::Error),
+    NotElf,
+    /// The file ends (or a table points) before the named part.
+    Truncated(&'static str),
+    Malformed(&'static str),
+    UnknownMachine {
+        machine: u16,
+        class: u8,
+        data: u8,
+    },
+}
+
+impl std::fmt::Display for ElfError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ElfError::Io(e) => write!(f, "cannot read: {e}"),
+            ElfError::NotElf => write!(f, "not an ELF file"),
+            ElfError::Truncated(what) => {
+                write!(f, "truncated ELF: {what} lies beyond the end of the file")
+            }
+            ElfError::Malformed(what) => write!(f, "malformed ELF: {what}"),
+            ElfError::UnknownMachine {
+                machine,
+                class,
+                data,
+            } => write!(
+                f,
+                "ELF machine {machine} ({}-bit, {}) is not one nixqimg knows",
+                if *class == 1 { 32 } else { 64 },
+                if *data == 2 {
+                    "big-endian"
+                } else {
+                    "little-endian"
+                }
+            ),
+        }
+    }
+}
+
+impl ElfFacts {
+    pub fn is_static(&self) -> bool {
+        self.interp.is_none()
+    }
+    pub fn is_fixed_address(&self) -> bool {
+        self.e_type == ET_EXEC
+    }
+}
+
+fn read_exact_at(
+    file: &File,
+    buf: &mut [u8],
+    off: u64,
+    what: &'static str,
+) -> Result<(), ElfError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => return Err(ElfError::Truncated(what)),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ElfError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+fn u16_at(b: &[u8], off: usize, endian: Endian) -> u16 {
+    let v = [b[off], b[off + 1]];
+    match endian {
+        Endian::Little => u16::from_le_bytes(v),
+        Endian::Big => u16::from_be_bytes(v),
+    }
+}
+
+/// Reads the facts from an open file. Reads at most a few hundred KiB whatever the file says.
+pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
+    // One read covers the header and, for nearly every program, the program headers too.
+    let mut head = [0u8; 4096];
+    let n = read_some(file, &mut head)?;
+    let head = &head[..n];
+    if head.len() < 4 || &head[..4] != b"\x7fELF" {
+        return Err(ElfError::NotElf);
+    }
+    if head.len() < 20 {
+        return Err(ElfError::Truncated("the ELF identification"));
+    }
+    let (class, container) = match head[4] {
+        1 => (Class::Elf32, Container::Little),
+        2 => (Class::Elf64, Container::Big),
+        _ => return Err(ElfError::Malformed("EI_CLASS is neither 32- nor 64-bit")),
+    };
+    let (endian, gendian) = match head[5] {
+        1 => (Endian::Little, goblin::container::Endian::Little),
+        2 => (Endian::Big, goblin::container::Endian::Big),
+        _ => {
+            return Err(ElfError::Malformed(
+                "EI_DATA is neither little- nor big-endian",
+            ))
+        }
+    };
+    let e_type = u16_at(head, 16, endian);
+    let machine = u16_at(head, 18, endian);
+    let arch = arch::by_elf(machine, class, endian).ok_or(ElfError::UnknownMachine {
+        machine,
+        class: head[4],
+        data: head[5],
+    })?;
+    if e_type != ET_EXEC && e_type != ET_DYN {
+        return Err(ElfError::Malformed("e_type is neither ET_EXEC nor ET_DYN"));
+    }
+    let ehsize = if class == Class::Elf64 { 64 } else { 52 };
+    if head.len() < ehsize {
+        return Err(ElfError::Truncated("the ELF header"));
+    }
+    let header =
+        goblin::elf::Elf::parse_header(head).map_err(|_| ElfError::Malformed("ELF header"))?;
+    let ctx = Ctx::new(container, gendian);
+    let phentsize = ProgramHeader::size(ctx);
+    if header.e_phnum == 0 {
+        return Err(ElfError::Malformed("no program headers"));
+    }
+    if header.e_phentsize as usize != phentsize {
+        return Err(ElfError::Malformed(
+            "e_phentsize does not match the ELF class",
+        ));
+    }
+    let phnum = header.e_phnum as usize;
+    let phbytes = phnum * phentsize;
+    if phbytes > MAX_PHDRS_BYTES {
+        return Err(ElfError::Malformed("program header table over 64 KiB"));
+    }
+    let phoff = header.e_phoff;
+    let mut far;
+    let table: &[u8] = match usize::try_from(phoff)
+        .ok()
+        .and_then(|o| Some((o, o.checked_add(phbytes)?)))
+    {
+        Some((start, end)) if end <= head.len() => &head[start..end],
+        _ if phoff.checked_add(phbytes as u64).is_none() => {
+            return Err(ElfError::Malformed("e_phoff overflows"));
+        }
+        _ => {
+            far = vec![0u8; phbytes];
+            read_exact_at(file, &mut far, phoff, "the program header table")?;
+            &far[..]
+        }
+    };
+    let phdrs = ProgramHeader::parse(table, 0, phnum, ctx)
+        .map_err(|_| ElfError::Malformed("program header table"))?;
+
+    let mut facts = ElfFacts {
+        arch,
+        e_type,
+        interp: None,
+        runpath: None,
+        runpath_is_rpath: false,
+        needed: Vec::new(),
+        lowest_load: None,
+        highest_load: None,
+    };
+    let mut dynamic = None;
+    for ph in &phdrs {
+        match ph.p_type {
+            PT_LOAD => {
+                let lo = ph.p_vaddr & !0xfff;
+                let hi = ph.p_vaddr.saturating_add(ph.p_memsz);
+                facts.lowest_load = Some(facts.lowest_load.map_or(lo, |l| l.min(lo)));
+                facts.highest_load = Some(facts.highest_load.map_or(hi, |h| h.max(hi)));
+            }
+            PT_INTERP => {
+                if facts.interp.is_some() {
+                    return Err(ElfError::Malformed("more than one PT_INTERP"));
+                }
+                if ph.p_filesz < 2 || ph.p_filesz > MAX_INTERP {
+                    return Err(ElfError::Malformed("PT_INTERP size out of range"));
+                }
+                let mut buf = vec![0u8; ph.p_filesz as usize];
+                read_exact_at(file, &mut buf, ph.p_offset, "PT_INTERP")?;
+                // The kernel insists on the terminating NUL and uses the string up to the first one.
+                if buf.last() != Some(&0) {
+                    return Err(ElfError::Malformed("PT_INTERP is not NUL-terminated"));
+                }
+                let end = buf.iter().position(|&b| b == 0).unwrap_or(0);
+                if end == 0 {
+                    return Err(ElfError::Malformed("PT_INTERP is empty"));
+                }
+                buf.truncate(end);
+                facts.interp = Some(buf);
+            }
+            PT_DYNAMIC => dynamic = Some(ph.clone()),
+            _ => {}
+        }
+    }
+    if facts.lowest_load.is_none() {
+        return Err(ElfError::Malformed("no PT_LOAD segment"));
+    }
+    // Static programs (and static-pie) have nothing more the planner uses.
+    if let (Some(dynph), true) = (dynamic, facts.interp.is_some()) {
+        read_dynamic(file, &dynph, &phdrs, class, endian, &mut facts)?;
+    }
+    Ok(facts)
+}
+
+fn read_some(file: &File, buf: &mut [u8]) -> Result<usize, ElfError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ElfError::Io(e)),
+        }
+    }
+    Ok(done)
+}
+
+/// File offset of virtual address `vaddr`, through the PT_LOAD that maps it from the file.
+fn vaddr_to_offset(phdrs: &[ProgramHeader], vaddr: u64) -> Option<(u64, u64)> {
+    phdrs
+        .iter()
+        .filter(|p| p.p_type == PT_LOAD)
+        .find_map(|p| {
+            let rel = vaddr.checked_sub(p.p_vaddr)?;
+            (rel < p.p_filesz).then(|| (p.p_offset.checked_add(rel), p.p_filesz - rel))
+        })
+        .and_then(|(o, avail)| Some((o?, avail)))
+}
+
+fn read_dynamic(
+    file: &File,
+    dynph: &ProgramHeader,
+    phdrs: &[ProgramHeader],
+    class: Class,
+    endian: Endian,
+    facts: &mut ElfFacts,
+) -> Result<(), ElfError> {
+    let entsize: usize = if class == Class::Elf64 { 16 } else { 8 };
+    let len = dynph.p_filesz.min(MAX_DYNAMIC_BYTES) as usize / entsize * entsize;
+    if len == 0 {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; len];
+    read_exact_at(file, &mut buf, dynph.p_offset, "the dynamic section")?;
+    let word = |b: &[u8]| -> u64 {
+        match (class, endian) {
+            (Class::Elf64, Endian::Little) => {
+                u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8]))
+            }
+            (Class::Elf64, Endian::Big) => u64::from_be_bytes(b[..8].try_into().unwrap_or([0; 8])),
+            (Class::Elf32, Endian::Little) => {
+                u32::from_le_bytes(b[..4].try_into().unwrap_or([0; 4])) as u64
+            }
+            (Class::Elf32, Endian::Big) => {
+                u32::from_be_bytes(b[..4].try_into().unwrap_or([0; 4])) as u64
+            }
+        }
+    };
+    let half = entsize / 2;
+    let (mut strtab, mut strsz, mut runpath, mut rpath) = (None, None, None, None);
+    let mut needed: Vec<u64> = Vec::new();
+    for ent in buf.chunks_exact(entsize) {
+        let (tag, val) = (word(&ent[..half]), word(&ent[half..]));
+        match tag {
+            DT_NULL => break,
+            DT_NEEDED if needed.len() < MAX_NEEDED => needed.push(val),
+            DT_STRTAB => strtab = Some(val),
+            DT_STRSZ => strsz = Some(val),
+            DT_RUNPATH => runpath = Some(val),
+            DT_RPATH => rpath = Some(val),
+            _ => {}
+        }
+    }
+    let Some(strtab) = strtab else {
+        return Ok(());
+    };
+    // DT_STRTAB is an address; in ET_DYN files it is relative to the load base 0, as the vaddrs are.
+    let Some((str_off, avail)) = vaddr_to_offset(phdrs, strtab) else {
+        return Err(ElfError::Malformed(
+            "DT_STRTAB is not inside a loaded segment",
+        ));
+    };
+    let strsz = strsz.unwrap_or(avail).min(avail);
+    let wanted: Vec<u64> = needed
+        .iter()
+        .chain(runpath.iter())
+        .chain(rpath.iter())
+        .copied()
+        .filter(|&o| o < strsz)
+        .collect();
+    let (Some(&min), Some(&max)) = (wanted.iter().min(), wanted.iter().max()) else {
+        return Ok(());
+    };
+    let end = max.saturating_add(MAX_STR as u64).min(strsz);
+    if end - min > MAX_STRTAB_WINDOW {
+        return Err(ElfError::Malformed(
+            "dynamic strings spread over more than 256 KiB",
+        ));
+    }
+    let mut window = vec![0u8; (end - min) as usize];
+    let n = {
+        let mut done = 0;
+        while done < window.len() {
+            match file.read_at(&mut window[done..], str_off + min + done as u64) {
+                Ok(0) => break,
+                Ok(k) => done += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ElfError::Io(e)),
+            }
+        }
+        done
+    };
+    window.truncate(n);
+    let string = |off: u64| -> Option<Vec<u8>> {
+        let rel = usize::try_from(off.checked_sub(min)?).ok()?;
+        let s = window.get(rel..)?;
+        let len = s.iter().take(MAX_STR).position(|&b| b == 0)?;
+        Some(s[..len].to_vec())
+    };
+    facts.needed = needed
+        .iter()
+        .filter_map(|&o| string(o))
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(rp) = runpath.and_then(string) {
+        facts.runpath = Some(rp);
+    } else if let Some(rp) = rpath.and_then(string) {
+        facts.runpath = Some(rp);
+        facts.runpath_is_rpath = true;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A small but complete dynamic aarch64 ELF64: header, 4 phdrs, interp, dynamic, strtab.
+    pub(crate) fn sample(interp: &[u8], e_type: u16, load: u64) -> Vec<u8> {
+        let mut f = vec![0u8; 0x400];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[6] = 1;
+        f[16..18].copy_from_slice(&e_type.to_le_bytes());
+        f[18..20].copy_from_slice(&183u16.to_le_bytes());
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        f[52..54].copy_from_slice(&64u16.to_le_bytes());
+        f[54..56].copy_from_slice(&56u16.to_le_bytes());
+        f[56..58].copy_from_slice(&3u16.to_le_bytes());
+        let ph = |f: &mut Vec<u8>, i: usize, t: u32, off: u64, vaddr: u64, sz: u64| {
+            let b = 64 + i * 56;
+            f[b..b + 4].copy_from_slice(&t.to_le_bytes());
+            f[b + 8..b + 16].copy_from_slice(&off.to_le_bytes());
+            f[b + 16..b + 24].copy_from_slice(&vaddr.to_le_bytes());
+            f[b + 32..b + 40].copy_from_slice(&sz.to_le_bytes());
+            f[b + 40..b + 48].copy_from_slice(&sz.to_le_bytes());
+        };
+        ph(&mut f, 0, PT_LOAD, 0, load, 0x400);
+        ph(
+            &mut f,
+            1,
+            PT_INTERP,
+            0x200,
+            load + 0x200,
+            interp.len() as u64 + 1,
+        );
+        ph(&mut f, 2, PT_DYNAMIC, 0x300, load + 0x300, 5 * 16);
+        f[0x200..0x200 + interp.len()].copy_from_slice(interp);
+        // strtab at 0x380: "\0libc.so.6\0/opt/lib\0"
+        let strtab = b"\0libc.so.6\0/opt/lib\0";
+        f[0x380..0x380 + strtab.len()].copy_from_slice(strtab);
+        let dynent = |f: &mut Vec<u8>, i: usize, tag: u64, val: u64| {
+            let b = 0x300 + i * 16;
+            f[b..b + 8].copy_from_slice(&tag.to_le_bytes());
+            f[b + 8..b + 16].copy_from_slice(&val.to_le_bytes());
+        };
+        dynent(&mut f, 0, DT_NEEDED, 1);
+        dynent(&mut f, 1, DT_RPATH, 11);
+        dynent(&mut f, 2, DT_STRTAB, load + 0x380);
+        dynent(&mut f, 3, DT_STRSZ, strtab.len() as u64);
+        dynent(&mut f, 4, DT_NULL, 0);
+        f
+    }
+
+    fn facts_of(bytes: &[u8]) -> Result<ElfFacts, ElfError> {
+        let mut t = tempfile();
+        t.write_all(bytes).unwrap();
+        read(&t)
+    }
+
+    fn tempfile() -> File {
+        let dir = std::env::temp_dir();
+        let p = dir.join(format!(
+            "nixqimg-elf-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        let _ = std::fs::remove_file(&p);
+        f
+    }
+
+    #[test]
+    fn reads_interp_rpath_needed_and_lowest_load() {
+        let f = facts_of(&sample(
+            b"/nix/store/x-bootstrap-tools/lib/ld-linux-aarch64.so.1",
+            ET_EXEC,
+            0x3ff000,
+        ))
+        .unwrap();
+        assert_eq!(f.arch.name, "aarch64");
+        assert_eq!(
+            f.interp.as_deref(),
+            Some(&b"/nix/store/x-bootstrap-tools/lib/ld-linux-aarch64.so.1"[..])
+        );
+        assert_eq!(f.needed, vec![b"libc.so.6".to_vec()]);
+        assert_eq!(f.runpath.as_deref(), Some(&b"/opt/lib"[..]));
+        assert!(f.runpath_is_rpath);
+        assert_eq!(f.lowest_load, Some(0x3ff000));
+        assert!(f.is_fixed_address());
+    }
+
+    #[test]
+    fn every_truncation_and_every_flipped_header_byte_is_an_error_or_a_fact_never_a_panic() {
+        let good = sample(b"/lib/ld-linux-aarch64.so.1", ET_DYN, 0);
+        for cut in 0..good.len() {
+            let _ = facts_of(&good[..cut]);
+        }
+        for i in 0..0x400 {
+            for bit in 0..8 {
+                let mut bad = good.clone();
+                bad[i] ^= 1 << bit;
+                let _ = facts_of(&bad);
+            }
+            let mut bad = good.clone();
+            bad[i] = 0xff;
+            let _ = facts_of(&bad);
+        }
+    }
+
+    #[test]
+    fn not_elf_and_unknown_machine() {
+        assert!(matches!(facts_of(b"#!/bin/sh\n"), Err(ElfError::NotElf)));
+        let mut s = sample(b"/lib/ld.so", ET_DYN, 0);
+        s[18] = 0x99;
+        assert!(matches!(
+            facts_of(&s),
+            Err(ElfError::UnknownMachine { machine: 0x99, .. })
+        ));
+    }
+}

@@ -1,0 +1,189 @@
+//! Interpreter mode: what runs when the kernel's binfmt_misc starts nixqimg for a foreign ELF.
+//!
+//! The kernel (registration flag `P`) gives us `[nixqimg, PATH, ARGV0, ARGS...]` and sets bit 0 of
+//! AT_FLAGS; with `O`/`C` it also opens the program for us (AT_EXECFD). This path runs for every
+//! foreign exec of a build: no clap, no logging unless asked, bounded reads, and on failure one line
+//! `nixqimg: PATH: what went wrong (what to do)` with exit 126, or 127 when a file is missing.
+
+use crate::config::{self, Config};
+use crate::error::code;
+use crate::exec::{self, RealProbe};
+use crate::plan::{self, PlanError, Probe, Request};
+use crate::{arch::Arch, elf};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::Write;
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Name under which nixqimg assumes `P`-style argv even where the kernel does not set AT_FLAGS
+/// (Linux < 5.12): register a symlink with this name.
+pub const BINFMT_NAME: &str = "nixqimg-binfmt";
+
+/// Did the kernel start us as a `P` interpreter?
+pub fn started_by_binfmt(argv0: Option<&OsStr>) -> bool {
+    exec::auxv(libc::AT_FLAGS) & 1 != 0
+        || argv0
+            .and_then(|a| Path::new(a).file_name())
+            .is_some_and(|n| n == BINFMT_NAME)
+}
+
+struct Fail {
+    what: String,
+    hint: &'static str,
+    code: u8,
+}
+
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let path = args.get(1).cloned().unwrap_or_default();
+    match run(args) {
+        Ok(never) => match never {},
+        Err(f) => {
+            let mut line = b"nixqimg: ".to_vec();
+            line.extend_from_slice(path.as_bytes());
+            let _ = write!(line, ": {}", f.what);
+            if !f.hint.is_empty() {
+                let _ = write!(line, " ({})", f.hint);
+            }
+            line.push(b'\n');
+            let _ = std::io::stderr().write_all(&line);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+enum Never {}
+
+fn run(args: Vec<OsString>) -> Result<Never, Fail> {
+    if args.len() < 3 {
+        return Err(Fail {
+            what: "started as a binfmt_misc interpreter without the P flag's argv".into(),
+            hint: "register with 'nixqimg register', which always sets P",
+            code: code::CANNOT_EXEC,
+        });
+    }
+    let secure = exec::auxv(libc::AT_SECURE) != 0;
+    let execfd = exec::auxv(libc::AT_EXECFD);
+    let self_exe = std::fs::read_link("/proc/self/exe").ok();
+    let env: &dyn config::Env = if secure {
+        &config::NoEnv
+    } else {
+        &config::ProcessEnv
+    };
+    let mut cfg = config::load(self_exe.as_deref(), env, secure);
+    let _log = crate::logging::init(cfg.log.as_deref(), cfg.log_file.as_deref());
+
+    let path = &args[1];
+    // With O/C the kernel opened the program for us: use that file, race-free, and hand it to qemu
+    // as /proc/self/fd/N (the fd has no CLOEXEC, so it survives our exec).
+    let (file, program) = if execfd > 0 && execfd < i32::MAX as u64 {
+        // SAFETY: the kernel put an open fd of the program into AT_EXECFD for this process; it stays
+        // open (ManuallyDrop) because qemu opens it again through /proc/self/fd.
+        let f = ManuallyDrop::new(unsafe { File::from_raw_fd(execfd as i32) });
+        (f, OsString::from(format!("/proc/self/fd/{execfd}")))
+    } else {
+        let f = File::open(path).map_err(|e| Fail {
+            code: if e.kind() == std::io::ErrorKind::NotFound {
+                code::NOT_FOUND
+            } else {
+                code::CANNOT_EXEC
+            },
+            what: format!("cannot open: {e}"),
+            hint: "",
+        })?;
+        (ManuallyDrop::new(f), path.clone())
+    };
+    let facts = elf::read(&file).map_err(|e| Fail {
+        what: e.to_string(),
+        hint: match e {
+            elf::ElfError::UnknownMachine { .. } => {
+                "see 'nixqimg status' for the architectures nixqimg serves"
+            }
+            elf::ElfError::Io(_) => "",
+            _ => {
+                "the file is damaged or not a program; binfmt_misc matched only its first 20 bytes"
+            }
+        },
+        code: code::CANNOT_EXEC,
+    })?;
+    tracing::debug!(arch = facts.arch.name, interp = ?facts.interp.as_deref().map(String::from_utf8_lossy), "elf");
+    let qemu = find_qemu(&cfg, facts.arch, &RealProbe).ok_or_else(|| Fail {
+        what: format!("no qemu-{} or qemu-{}-static in {}", facts.arch.qemu, facts.arch.qemu, join_dirs(&cfg.qemu_dirs)),
+        hint: "install qemu-user-static, or set qemu_dir in nixqimg.conf beside nixqimg, or NIXQIMG_QEMU_DIR",
+        code: code::NOT_FOUND,
+    })?;
+    cfg.sysroots
+        .push(Path::new("/usr").join(facts.arch.gnu_triplet));
+    let req = Request {
+        program: &program,
+        path,
+        argv0: &args[2],
+        args: &args[3..],
+        env: environ(),
+        facts: &facts,
+        qemu,
+        strategy: cfg.strategy,
+        sysroots: &cfg.sysroots,
+        page_size: exec::page_size(),
+        secure,
+    };
+    let plan = plan::plan(&req, &RealProbe).map_err(|e| Fail {
+        what: e.to_string(),
+        hint: match e {
+            PlanError::LoaderMissing { .. } => "inside a Nix build: is the loader's store path an input? else set sysroot in nixqimg.conf or NIXQIMG_SYSROOT",
+        },
+        code: code::NOT_FOUND,
+    })?;
+    tracing::debug!(argv = ?plan.argv, why = ?plan.why, "exec");
+    let e = exec::exec(&plan);
+    Err(Fail {
+        code: if e.kind() == std::io::ErrorKind::NotFound { code::NOT_FOUND } else { code::CANNOT_EXEC },
+        what: format!("cannot exec {}: {e}", plan.exe.display()),
+        hint: "inside a Nix sandbox qemu must be visible: add it to extra-sandbox-paths (see 'nixqimg nix-config')",
+    })
+}
+
+fn join_dirs(d: &[PathBuf]) -> String {
+    d.iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// First `qemu-<arch>-static` or `qemu-<arch>` in the configured directories (static first: it also
+/// works inside a Nix sandbox, where a dynamic qemu's libraries are not visible).
+pub fn find_qemu(cfg: &Config, arch: &Arch, probe: &dyn Probe) -> Option<PathBuf> {
+    let names = [
+        format!("qemu-{}-static", arch.qemu),
+        format!("qemu-{}", arch.qemu),
+    ];
+    cfg.qemu_dirs
+        .iter()
+        .find_map(|d| names.iter().map(|n| d.join(n)).find(|p| probe.is_file(p)))
+}
+
+/// The environment exactly as we got it, entries without `=` included.
+pub fn environ() -> Vec<OsString> {
+    extern "C" {
+        static environ: *const *const libc::c_char;
+    }
+    let mut out = Vec::new();
+    // SAFETY: `environ` is the NUL-terminated array of NUL-terminated strings the kernel and libc set
+    // up; nothing in this single-threaded start-up modifies it while we copy it.
+    unsafe {
+        let mut p = environ;
+        if p.is_null() {
+            return out;
+        }
+        while !(*p).is_null() {
+            out.push(OsString::from_vec(
+                std::ffi::CStr::from_ptr(*p).to_bytes().to_vec(),
+            ));
+            p = p.add(1);
+        }
+    }
+    out
+}

@@ -1,0 +1,827 @@
+//! The planner: ELF facts + host facts + settings → the exact argv and environment to hand to qemu.
+//! Pure apart from the [`Probe`] it is given, so every decision is unit-tested without qemu.
+//!
+//! Policy (`auto`):
+//! - static programs (no PT_INTERP) always run directly: glibc's ld.so handed a static binary spins
+//!   forever under qemu 7.2;
+//! - dynamic programs run directly (`qemu -0 ARGV0 -- PATH ARGS`) when the loader is where PT_INTERP
+//!   says, their libraries are found by it, and the image can be placed;
+//! - otherwise loader-first (`qemu -0 ARGV0 -- LOADER --inhibit-cache [--library-path D] --argv0 ARGV0
+//!   PATH ARGS`): when the loader had to be found elsewhere (bootstrap-tools tree, RUNPATH, sysroot), a
+//!   needed library is only in a sysroot, or an ET_EXEC image's lowest address is not a multiple of the
+//!   host page size (qemu's "Unable to find a guest_base" failure on 16K/64K-page hosts: a loader is
+//!   ET_DYN and maps the program through qemu's own mmap).
+
+use crate::arch::Arch;
+use crate::elf::ElfFacts;
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Strategy {
+    #[default]
+    Auto,
+    Direct,
+    LoaderFirst,
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "auto" => Ok(Strategy::Auto),
+            "direct" => Ok(Strategy::Direct),
+            "loader-first" => Ok(Strategy::LoaderFirst),
+            _ => Err(()),
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Strategy::Auto => "auto",
+            Strategy::Direct => "direct",
+            Strategy::LoaderFirst => "loader-first",
+        })
+    }
+}
+
+/// What the planner may ask of the file system. The real one stats files; tests use a set of paths.
+pub trait Probe {
+    fn is_file(&self, path: &Path) -> bool;
+    /// Entries of `dir` whose names start with `prefix` (to find `lib/ld-*` in a bootstrap tree).
+    fn list(&self, dir: &Path, prefix: &[u8]) -> Vec<PathBuf>;
+    /// Does this glibc loader accept `--argv0` (glibc >= 2.33)?
+    fn loader_has_argv0(&self, loader: &Path) -> bool;
+    fn canonicalize(&self, path: &Path) -> Option<PathBuf>;
+}
+
+/// Everything about this one exec.
+pub struct Request<'a> {
+    /// The program as qemu should open it (`/proc/self/fd/N` when the kernel gave us AT_EXECFD).
+    pub program: &'a OsStr,
+    /// The program's path as the kernel was asked to exec it: for $ORIGIN, store detection, messages.
+    pub path: &'a OsStr,
+    pub argv0: &'a OsStr,
+    pub args: &'a [OsString],
+    /// Our environment, `KEY=VALUE` entries in order.
+    pub env: Vec<OsString>,
+    pub facts: &'a ElfFacts,
+    pub qemu: PathBuf,
+    pub strategy: Strategy,
+    pub sysroots: &'a [PathBuf],
+    pub page_size: u64,
+    /// AT_SECURE: strip everything that could steer qemu.
+    pub secure: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Direct,
+    LoaderFirst {
+        loader: PathBuf,
+        library_path: Vec<PathBuf>,
+        argv0: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub exe: PathBuf,
+    pub argv: Vec<OsString>,
+    pub env: Vec<OsString>,
+    pub mode: Mode,
+    /// Facts and reasons behind the choice, for `--explain` and `doctor`.
+    pub why: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanError {
+    /// The program names a loader that exists nowhere we may look.
+    LoaderMissing {
+        interp: PathBuf,
+        looked: Vec<PathBuf>,
+    },
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PlanError::LoaderMissing { interp, looked } => {
+                write!(f, "its loader {} does not exist", interp.display())?;
+                if !looked.is_empty() {
+                    write!(f, ", nor at ")?;
+                    for (i, p) in looked.iter().enumerate() {
+                        write!(f, "{}{}", if i > 0 { ", " } else { "" }, p.display())?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Does an ET_EXEC image risk qemu's guest_base failure on a host with `page_size` pages?
+pub fn guest_base_risk(facts: &ElfFacts, page_size: u64) -> bool {
+    facts.is_fixed_address()
+        && page_size > 0
+        && facts.lowest_load.is_some_and(|lo| lo % page_size != 0)
+}
+
+/// `<store>/<32 nix-base32 chars>-bootstrap-tools` prefix of `path`, if it lies in such a tree.
+pub fn bootstrap_tools_root(path: &Path) -> Option<PathBuf> {
+    let mut root = PathBuf::new();
+    for comp in path.components() {
+        root.push(comp);
+        let name = comp.as_os_str().as_bytes();
+        if let Some(hash) = name.strip_suffix(b"-bootstrap-tools") {
+            if hash.len() == 32
+                && hash
+                    .iter()
+                    .all(|&c| matches!(c, b'0'..=b'9' | b'a'..=b'z') && !b"eotu".contains(&c))
+            {
+                return Some(root);
+            }
+        }
+    }
+    None
+}
+
+fn dirname(p: &OsStr) -> PathBuf {
+    match Path::new(p).parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// RUNPATH entries with `$ORIGIN` expanded, as ld.so would search them.
+pub fn search_dirs(runpath: &[u8], origin: &Path) -> Vec<PathBuf> {
+    runpath
+        .split(|&b| b == b':')
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            let o = origin.as_os_str().as_bytes();
+            let mut out = Vec::with_capacity(d.len() + o.len());
+            let mut i = 0;
+            while i < d.len() {
+                let rest = &d[i..];
+                if let Some(n) = [&b"$ORIGIN"[..], b"${ORIGIN}"]
+                    .iter()
+                    .find(|t| rest.starts_with(t))
+                    .map(|t| t.len())
+                {
+                    out.extend_from_slice(o);
+                    i += n;
+                } else {
+                    out.push(d[i]);
+                    i += 1;
+                }
+            }
+            PathBuf::from(OsString::from_vec(out))
+        })
+        .collect()
+}
+
+/// Where the program's loader really is: PT_INTERP itself, else the same file name in the program's
+/// bootstrap-tools tree, its RUNPATH directories, or a sysroot.
+fn find_loader(
+    req: &Request,
+    probe: &dyn Probe,
+    interp: &Path,
+    why: &mut Vec<String>,
+) -> Result<(PathBuf, bool), PlanError> {
+    if probe.is_file(interp) {
+        return Ok((interp.to_path_buf(), false));
+    }
+    let arch: &Arch = req.facts.arch;
+    let name = interp
+        .file_name()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(arch.loader));
+    let mut looked = Vec::new();
+    let try_at = |cand: PathBuf, looked: &mut Vec<PathBuf>| -> Option<PathBuf> {
+        if probe.is_file(&cand) {
+            Some(cand)
+        } else {
+            looked.push(cand);
+            None
+        }
+    };
+    let path = Path::new(req.path);
+    let roots = [Some(path.to_path_buf()), probe.canonicalize(path)];
+    for p in roots.iter().flatten() {
+        if let Some(root) = bootstrap_tools_root(p) {
+            let lib = root.join("lib");
+            for n in [name.as_path(), Path::new(arch.loader)] {
+                if let Some(l) = try_at(lib.join(n), &mut looked) {
+                    why.push(format!(
+                        "program lies in bootstrap-tools tree {}",
+                        root.display()
+                    ));
+                    return Ok((l, true));
+                }
+            }
+            if let Some(l) = probe
+                .list(&lib, b"ld-")
+                .into_iter()
+                .find(|c| c.as_os_str().as_bytes().contains(&b'.'))
+            {
+                why.push(format!(
+                    "program lies in bootstrap-tools tree {}",
+                    root.display()
+                ));
+                return Ok((l, true));
+            }
+        }
+    }
+    if let Some(rp) = &req.facts.runpath {
+        for d in search_dirs(rp, &dirname(req.path)) {
+            if let Some(l) = try_at(d.join(&name), &mut looked) {
+                why.push(format!(
+                    "loader found in the program's RUNPATH/RPATH directory {}",
+                    d.display()
+                ));
+                return Ok((l, true));
+            }
+        }
+    }
+    for root in req.sysroots {
+        let rel = interp.strip_prefix("/").unwrap_or(interp);
+        for cand in [
+            root.join(rel),
+            root.join("lib").join(&name),
+            root.join("lib64").join(&name),
+        ] {
+            if let Some(l) = try_at(cand, &mut looked) {
+                why.push(format!("loader found in sysroot {}", root.display()));
+                return Ok((l, true));
+            }
+        }
+    }
+    Err(PlanError::LoaderMissing {
+        interp: interp.to_path_buf(),
+        looked,
+    })
+}
+
+/// Directories to hand ld.so with `--library-path`: only for libraries it would not find itself.
+fn missing_library_dirs(
+    req: &Request,
+    probe: &dyn Probe,
+    loader: &Path,
+    relocated: bool,
+    interp: &Path,
+    why: &mut Vec<String>,
+) -> Vec<PathBuf> {
+    let arch = req.facts.arch;
+    let origin = dirname(req.path);
+    let mut own: Vec<PathBuf> = req
+        .facts
+        .runpath
+        .as_deref()
+        .map(|r| search_dirs(r, &origin))
+        .unwrap_or_default();
+    // ld.so's built-in directories: for Nix's glibc its own lib dir (where PT_INTERP points), for
+    // Debian's the multiarch and plain lib dirs. A relocated loader's built-ins point nowhere useful.
+    if !relocated {
+        if let Some(d) = interp.parent() {
+            own.push(d.to_path_buf());
+        }
+        for d in ["/lib", "/usr/lib"] {
+            own.push(Path::new(d).join(arch.gnu_triplet));
+            own.push(PathBuf::from(d));
+        }
+    }
+    let mut extra: Vec<PathBuf> = Vec::new();
+    let candidates: Vec<PathBuf> = loader
+        .parent()
+        .map(Path::to_path_buf)
+        .into_iter()
+        .chain(
+            req.sysroots
+                .iter()
+                .flat_map(|s| [s.join("lib"), s.join("lib64"), s.join("usr/lib")]),
+        )
+        .collect();
+    for lib in &req.facts.needed {
+        let lib = Path::new(OsStr::from_bytes(lib));
+        if lib.as_os_str().as_bytes().contains(&b'/') {
+            continue;
+        }
+        if own
+            .iter()
+            .chain(extra.iter())
+            .any(|d| probe.is_file(&d.join(lib)))
+        {
+            continue;
+        }
+        if let Some(d) = candidates.iter().find(|d| probe.is_file(&d.join(lib))) {
+            why.push(format!(
+                "{} is found only in {}",
+                lib.display(),
+                d.display()
+            ));
+            extra.push(d.clone());
+        } else {
+            why.push(format!(
+                "{} is found nowhere nixqimg looks; ld.so will report it",
+                lib.display()
+            ));
+        }
+    }
+    // A relocated loader must at least find its own libc next to it.
+    if relocated && extra.is_empty() && req.facts.needed.is_empty() {
+        if let Some(d) = loader.parent() {
+            extra.push(d.to_path_buf());
+        }
+    }
+    extra
+}
+
+pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
+    let f = req.facts;
+    let mut why = vec![format!(
+        "{} {} ({})",
+        f.arch.name,
+        if f.is_fixed_address() {
+            "ET_EXEC"
+        } else {
+            "ET_DYN"
+        },
+        match &f.interp {
+            Some(i) => format!("dynamic, PT_INTERP {}", String::from_utf8_lossy(i)),
+            None => "static".into(),
+        }
+    )];
+    let risk = guest_base_risk(f, req.page_size);
+    if let Some(lo) = f.lowest_load.filter(|_| f.is_fixed_address()) {
+        why.push(format!(
+            "lowest load address {lo:#x}; host page size {}: {}",
+            req.page_size,
+            if risk {
+                "qemu cannot reserve it (guest_base failure)"
+            } else {
+                "qemu can place it"
+            }
+        ));
+    }
+
+    let mode = match &f.interp {
+        None => {
+            if req.strategy == Strategy::LoaderFirst {
+                why.push(
+                    "static program: run directly whatever the strategy (ld.so must never load it)"
+                        .into(),
+                );
+            }
+            if risk {
+                why.push("static ET_EXEC with an unplaceable address: no loader can help; it may fail on this host".into());
+            }
+            Mode::Direct
+        }
+        Some(interp) => {
+            let interp = PathBuf::from(OsStr::from_bytes(interp));
+            match req.strategy {
+                Strategy::Direct => {
+                    why.push("strategy direct".into());
+                    Mode::Direct
+                }
+                s => {
+                    let (loader, relocated) = find_loader(req, probe, &interp, &mut why)?;
+                    let library_path =
+                        missing_library_dirs(req, probe, &loader, relocated, &interp, &mut why);
+                    let first =
+                        s == Strategy::LoaderFirst || relocated || !library_path.is_empty() || risk;
+                    if s == Strategy::LoaderFirst {
+                        why.push("strategy loader-first".into());
+                    } else if relocated {
+                        why.push(format!(
+                            "loader is not at PT_INTERP; using {}",
+                            loader.display()
+                        ));
+                    } else if risk {
+                        why.push("loader-first: ld.so is ET_DYN and maps the program through qemu's mmap".into());
+                    }
+                    if first {
+                        let argv0 = probe.loader_has_argv0(&loader);
+                        if !argv0 {
+                            why.push("this loader has no --argv0 (glibc < 2.33): the program sees its path as argv[0]".into());
+                        }
+                        Mode::LoaderFirst {
+                            loader,
+                            library_path,
+                            argv0,
+                        }
+                    } else {
+                        why.push("loader at PT_INTERP and libraries found: direct".into());
+                        Mode::Direct
+                    }
+                }
+            }
+        }
+    };
+
+    let mut argv: Vec<OsString> = Vec::with_capacity(req.args.len() + 12);
+    argv.push(req.qemu.clone().into_os_string());
+    argv.push("-0".into());
+    argv.push(req.argv0.to_owned());
+    let mut env = Vec::with_capacity(req.env.len());
+    for kv in &req.env {
+        let b = kv.as_bytes();
+        if req.secure && b.starts_with(b"QEMU_") {
+            continue;
+        }
+        // LD_* is for the guest's loader; a dynamic host qemu must not load guest libraries. `-E`
+        // splits on commas, so a value with one stays in the environment (harmless to a static qemu).
+        if b.starts_with(b"LD_") && !b.contains(&b',') {
+            argv.push("-E".into());
+            argv.push(kv.clone());
+            continue;
+        }
+        env.push(kv.clone());
+    }
+    argv.push("--".into());
+    match &mode {
+        Mode::Direct => argv.push(req.program.to_owned()),
+        Mode::LoaderFirst {
+            loader,
+            library_path,
+            argv0,
+        } => {
+            argv.push(loader.clone().into_os_string());
+            argv.push("--inhibit-cache".into());
+            if !library_path.is_empty() {
+                argv.push("--library-path".into());
+                let mut joined = Vec::new();
+                for (i, d) in library_path.iter().enumerate() {
+                    if i > 0 {
+                        joined.push(b':');
+                    }
+                    joined.extend_from_slice(d.as_os_str().as_bytes());
+                }
+                argv.push(OsString::from_vec(joined));
+            }
+            if *argv0 {
+                argv.push("--argv0".into());
+                argv.push(req.argv0.to_owned());
+            }
+            argv.push(req.program.to_owned());
+        }
+    }
+    argv.extend(req.args.iter().cloned());
+    Ok(Plan {
+        exe: req.qemu.clone(),
+        argv,
+        env,
+        mode,
+        why,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch;
+    use std::collections::HashSet;
+
+    struct FakeFs {
+        files: HashSet<PathBuf>,
+        argv0: bool,
+    }
+    impl Probe for FakeFs {
+        fn is_file(&self, p: &Path) -> bool {
+            self.files.contains(p)
+        }
+        fn list(&self, dir: &Path, prefix: &[u8]) -> Vec<PathBuf> {
+            let mut v: Vec<PathBuf> = self
+                .files
+                .iter()
+                .filter(|f| {
+                    f.parent() == Some(dir)
+                        && f.file_name()
+                            .is_some_and(|n| n.as_bytes().starts_with(prefix))
+                })
+                .cloned()
+                .collect();
+            v.sort();
+            v
+        }
+        fn loader_has_argv0(&self, _: &Path) -> bool {
+            self.argv0
+        }
+        fn canonicalize(&self, _: &Path) -> Option<PathBuf> {
+            None
+        }
+    }
+    fn fs(files: &[&str]) -> FakeFs {
+        FakeFs {
+            files: files.iter().map(PathBuf::from).collect(),
+            argv0: true,
+        }
+    }
+
+    fn facts(
+        interp: Option<&str>,
+        e_type: u16,
+        lowest: u64,
+        runpath: Option<&str>,
+        needed: &[&str],
+    ) -> ElfFacts {
+        ElfFacts {
+            arch: arch::by_name("aarch64").unwrap(),
+            e_type,
+            interp: interp.map(|s| s.as_bytes().to_vec()),
+            runpath: runpath.map(|s| s.as_bytes().to_vec()),
+            runpath_is_rpath: false,
+            needed: needed.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            lowest_load: Some(lowest),
+            highest_load: Some(lowest + 0x10000),
+        }
+    }
+
+    fn req<'a>(
+        f: &'a ElfFacts,
+        path: &'a str,
+        args: &'a [OsString],
+        env: Vec<OsString>,
+        strategy: Strategy,
+        page: u64,
+    ) -> Request<'a> {
+        Request {
+            program: OsStr::new(path),
+            path: OsStr::new(path),
+            argv0: OsStr::new("prog0"),
+            args,
+            env,
+            facts: f,
+            qemu: PathBuf::from("/q/qemu-aarch64"),
+            strategy,
+            sysroots: &[],
+            page_size: page,
+            secure: false,
+        }
+    }
+
+    fn argv(p: &Plan) -> Vec<String> {
+        p.argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    const BT: &str = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-bootstrap-tools";
+
+    #[test]
+    fn static_runs_direct_even_when_loader_first_is_asked() {
+        let f = facts(None, 2, 0x400000, None, &[]);
+        let args = [OsString::from("a b")];
+        let p = plan(
+            &req(&f, "/bin/x", &args, vec![], Strategy::LoaderFirst, 4096),
+            &fs(&[]),
+        )
+        .unwrap();
+        assert_eq!(
+            argv(&p),
+            ["/q/qemu-aarch64", "-0", "prog0", "--", "/bin/x", "a b"]
+        );
+        assert_eq!(p.mode, Mode::Direct);
+    }
+
+    #[test]
+    fn dynamic_with_loader_in_place_runs_direct() {
+        let f = facts(
+            Some("/lib/ld-linux-aarch64.so.1"),
+            3,
+            0,
+            None,
+            &["libc.so.6"],
+        );
+        let files = fs(&[
+            "/lib/ld-linux-aarch64.so.1",
+            "/lib/aarch64-linux-gnu/libc.so.6",
+        ]);
+        let p = plan(
+            &req(&f, "/bin/x", &[], vec![], Strategy::Auto, 4096),
+            &files,
+        )
+        .unwrap();
+        assert_eq!(argv(&p), ["/q/qemu-aarch64", "-0", "prog0", "--", "/bin/x"]);
+    }
+
+    #[test]
+    fn bootstrap_tools_with_missing_interp_goes_loader_first_with_the_trees_lib() {
+        let interp =
+            "/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-bootstrap-tools/lib/ld-linux-aarch64.so.1";
+        let f = facts(Some(interp), 2, 0x3ff000, None, &["libc.so.6"]);
+        let loader = format!("{BT}/lib/ld-linux-aarch64.so.1");
+        let files = fs(&[&loader, &format!("{BT}/lib/libc.so.6")]);
+        let path = format!("{BT}/bin/bash");
+        let p = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 4096), &files).unwrap();
+        assert_eq!(
+            argv(&p),
+            [
+                "/q/qemu-aarch64",
+                "-0",
+                "prog0",
+                "--",
+                &loader,
+                "--inhibit-cache",
+                "--library-path",
+                &format!("{BT}/lib"),
+                "--argv0",
+                "prog0",
+                &path
+            ]
+        );
+    }
+
+    #[test]
+    fn forced_rpath_finds_libc_so_no_library_path_is_added() {
+        let interp = "/elsewhere/lib/ld-linux-aarch64.so.1";
+        let f = facts(
+            Some(interp),
+            2,
+            0x400000,
+            Some(&format!("{BT}/lib")),
+            &["libc.so.6"],
+        );
+        let loader = format!("{BT}/lib/ld-linux-aarch64.so.1");
+        let files = fs(&[&loader, &format!("{BT}/lib/libc.so.6")]);
+        let path = format!("{BT}/bin/sed");
+        let p = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 4096), &files).unwrap();
+        assert_eq!(
+            argv(&p),
+            [
+                "/q/qemu-aarch64",
+                "-0",
+                "prog0",
+                "--",
+                &loader,
+                "--inhibit-cache",
+                "--argv0",
+                "prog0",
+                &path
+            ]
+        );
+    }
+
+    #[test]
+    fn guest_base_risk_on_16k_pages_goes_loader_first_but_not_on_4k() {
+        let interp = format!("{BT}/lib/ld-linux-aarch64.so.1");
+        let f = facts(
+            Some(&interp),
+            2,
+            0x3ff000,
+            Some(&format!("{BT}/lib")),
+            &["libc.so.6"],
+        );
+        let files = fs(&[&interp, &format!("{BT}/lib/libc.so.6")]);
+        let path = format!("{BT}/bin/bash");
+        let p4 = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 4096), &files).unwrap();
+        assert_eq!(p4.mode, Mode::Direct);
+        let p16 = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 16384), &files).unwrap();
+        assert!(
+            matches!(p16.mode, Mode::LoaderFirst { ref library_path, .. } if library_path.is_empty())
+        );
+        // 0x3fc000 is 16K-aligned but not 64K-aligned.
+        let g = facts(Some(&interp), 2, 0x3fc000, None, &[]);
+        assert!(!guest_base_risk(&g, 16384));
+        assert!(guest_base_risk(&g, 65536));
+        // ET_DYN never has the risk.
+        assert!(!guest_base_risk(
+            &facts(Some(&interp), 3, 0x3ff000, None, &[]),
+            65536
+        ));
+    }
+
+    #[test]
+    fn loader_without_argv0_still_runs_and_says_so() {
+        let interp = "/gone/ld-linux-aarch64.so.1";
+        let f = facts(Some(interp), 3, 0, None, &[]);
+        let loader = format!("{BT}/lib/ld-linux-aarch64.so.1");
+        let mut files = fs(&[&loader]);
+        files.argv0 = false;
+        let path = format!("{BT}/bin/x");
+        let p = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 4096), &files).unwrap();
+        assert!(!argv(&p).contains(&"--argv0".to_string()));
+        assert!(p.why.iter().any(|w| w.contains("--argv0")));
+    }
+
+    #[test]
+    fn missing_loader_is_an_error_naming_where_it_looked() {
+        let f = facts(
+            Some("/nope/ld-linux-aarch64.so.1"),
+            3,
+            0,
+            Some("$ORIGIN/../lib"),
+            &[],
+        );
+        let e = plan(
+            &req(&f, "/p/bin/x", &[], vec![], Strategy::Auto, 4096),
+            &fs(&[]),
+        )
+        .unwrap_err();
+        let PlanError::LoaderMissing { looked, .. } = e;
+        assert_eq!(
+            looked,
+            vec![PathBuf::from("/p/bin/../lib/ld-linux-aarch64.so.1")]
+        );
+    }
+
+    #[test]
+    fn sysroot_supplies_loader_and_libraries() {
+        let f = facts(
+            Some("/lib/ld-linux-aarch64.so.1"),
+            3,
+            0,
+            None,
+            &["libc.so.6"],
+        );
+        let files = fs(&[
+            "/usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1",
+            "/usr/aarch64-linux-gnu/lib/libc.so.6",
+        ]);
+        let sys = [PathBuf::from("/usr/aarch64-linux-gnu")];
+        let mut r = req(&f, "/bin/x", &[], vec![], Strategy::Auto, 4096);
+        r.sysroots = &sys;
+        let p = plan(&r, &files).unwrap();
+        assert_eq!(
+            p.mode,
+            Mode::LoaderFirst {
+                loader: "/usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1".into(),
+                library_path: vec!["/usr/aarch64-linux-gnu/lib".into()],
+                argv0: true
+            }
+        );
+    }
+
+    #[test]
+    fn ld_variables_move_to_dash_e_and_qemu_variables_go_when_secure() {
+        let f = facts(None, 3, 0, None, &[]);
+        let env: Vec<OsString> = [
+            "A=1",
+            "LD_LIBRARY_PATH=/x",
+            "LD_PRELOAD=a,b",
+            "QEMU_GDB=1234",
+            "B=2",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        let mut r = req(&f, "/bin/x", &[], env, Strategy::Auto, 4096);
+        let p = plan(&r, &fs(&[])).unwrap();
+        assert_eq!(
+            argv(&p),
+            [
+                "/q/qemu-aarch64",
+                "-0",
+                "prog0",
+                "-E",
+                "LD_LIBRARY_PATH=/x",
+                "--",
+                "/bin/x"
+            ]
+        );
+        assert_eq!(
+            p.env,
+            ["A=1", "LD_PRELOAD=a,b", "QEMU_GDB=1234", "B=2"].map(OsString::from)
+        );
+        r.secure = true;
+        let p = plan(&r, &fs(&[])).unwrap();
+        assert_eq!(p.env, ["A=1", "LD_PRELOAD=a,b", "B=2"].map(OsString::from));
+    }
+
+    #[test]
+    fn origin_expands_in_runpath() {
+        assert_eq!(
+            search_dirs(b"$ORIGIN/../lib:${ORIGIN}:/abs", Path::new("/s/bin")),
+            vec![
+                PathBuf::from("/s/bin/../lib"),
+                PathBuf::from("/s/bin"),
+                PathBuf::from("/abs")
+            ]
+        );
+    }
+
+    #[test]
+    fn bootstrap_tools_root_needs_a_store_hash() {
+        assert_eq!(
+            bootstrap_tools_root(Path::new(&format!("{BT}/libexec/x/y"))),
+            Some(PathBuf::from(BT))
+        );
+        assert_eq!(
+            bootstrap_tools_root(Path::new("/tmp/my-bootstrap-tools/bin/x")),
+            None
+        );
+        // 'e', 'o', 't', 'u' are not in Nix's base32 alphabet.
+        assert_eq!(
+            bootstrap_tools_root(Path::new(
+                "/nix/store/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-bootstrap-tools/bin/x"
+            )),
+            None
+        );
+    }
+}
