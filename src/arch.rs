@@ -52,10 +52,8 @@ pub struct Arch {
     pub loader: &'static str,
 }
 
-const M_64LE: [u8; 20] =
-    *b"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff";
-const M_X86: [u8; 20] =
-    *b"\xff\xff\xff\xff\xff\xfe\xfe\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff";
+const M_64LE: [u8; 20] = *b"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff";
+const M_X86: [u8; 20] = *b"\xff\xff\xff\xff\xff\xfe\xfe\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff";
 
 pub static ARCHES: &[Arch] = &[
     Arch {
@@ -188,9 +186,7 @@ pub static ARCHES: &[Arch] = &[
 
 /// The architecture an ELF header belongs to, by machine, class and byte order.
 pub fn by_elf(machine: u16, class: Class, endian: Endian) -> Option<&'static Arch> {
-    ARCHES
-        .iter()
-        .find(|a| a.machine == machine && a.class == class && a.endian == endian)
+    ARCHES.iter().find(|a| a.machine == machine && a.class == class && a.endian == endian)
 }
 
 /// Accepts our name, the Nix system, or the qemu name (`aarch64`, `aarch64-linux`, `arm`, `i386`...).
@@ -233,23 +229,16 @@ impl Arch {
     /// kernel's binfmt_misc compares them?
     pub fn matches(&self, header: &[u8]) -> bool {
         header.len() >= 20
-            && self
-                .magic
-                .iter()
-                .zip(self.mask.iter())
-                .zip(header.iter())
-                .all(|((m, k), h)| h & k == m & k)
+            && self.magic.iter().zip(self.mask.iter()).zip(header.iter()).all(|((m, k), h)| h & k == m & k)
     }
 
     /// binfmt_misc wants the magic and mask as `\xNN` escapes.
     pub fn escaped(bytes: &[u8]) -> String {
         use std::fmt::Write;
-        bytes
-            .iter()
-            .fold(String::with_capacity(bytes.len() * 4), |mut s, b| {
-                let _ = write!(s, "\\x{b:02x}");
-                s
-            })
+        bytes.iter().fold(String::with_capacity(bytes.len() * 4), |mut s, b| {
+            let _ = write!(s, "\\x{b:02x}");
+            s
+        })
     }
 }
 
@@ -278,11 +267,7 @@ mod tests {
         for a in ARCHES {
             for ty in [2u16, 3] {
                 let h = header(a, ty);
-                assert!(
-                    a.matches(&h),
-                    "{} does not match its own e_type {ty}",
-                    a.name
-                );
+                assert!(a.matches(&h), "{} does not match its own e_type {ty}", a.name);
                 for b in ARCHES.iter().filter(|b| b.name != a.name) {
                     assert!(!b.matches(&h), "{} matches {}'s header", b.name, a.name);
                 }
@@ -291,16 +276,8 @@ mod tests {
             assert!(!a.matches(&header(a, 1)), "{} matches ET_REL", a.name);
             assert!(!a.matches(&header(a, 4)), "{} matches ET_CORE", a.name);
             // The magic itself is a header the table maps back to the same entry.
-            let class = if a.magic[4] == 2 {
-                Class::Elf64
-            } else {
-                Class::Elf32
-            };
-            let endian = if a.magic[5] == 1 {
-                Endian::Little
-            } else {
-                Endian::Big
-            };
+            let class = if a.magic[4] == 2 { Class::Elf64 } else { Class::Elf32 };
+            let endian = if a.magic[5] == 1 { Endian::Little } else { Endian::Big };
             let machine = match endian {
                 Endian::Little => u16::from_le_bytes([a.magic[18], a.magic[19]]),
                 Endian::Big => u16::from_be_bytes([a.magic[18], a.magic[19]]),

@@ -67,8 +67,7 @@ struct ExecArgs {
 }
 
 fn parse_strategy(s: &str) -> std::result::Result<Strategy, String> {
-    s.parse()
-        .map_err(|_| format!("'{s}' is not auto, direct or loader-first"))
+    s.parse().map_err(|_| format!("'{s}' is not auto, direct or loader-first"))
 }
 
 pub fn main(args: Vec<OsString>) -> ExitCode {
@@ -107,10 +106,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
 /// Shell-quotes one argument for display (`--explain`), byte-exact for non-UTF-8.
 pub fn shell_quote(a: &std::ffi::OsStr) -> String {
     let s = a.to_string_lossy();
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
-    {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
         s.into_owned()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -125,23 +121,19 @@ fn exec_cmd(a: ExecArgs) -> Result<()> {
     }
     let shown = a.binary.display().to_string();
     let file = std::fs::File::open(&a.binary).map_err(|e| {
-        Error::new(format!("{shown}: cannot open: {e}")).code(
-            if e.kind() == std::io::ErrorKind::NotFound {
-                code::NOT_FOUND
-            } else {
-                code::CANNOT_EXEC
-            },
-        )
+        Error::new(format!("{shown}: cannot open: {e}")).code(if e.kind() == std::io::ErrorKind::NotFound {
+            code::NOT_FOUND
+        } else {
+            code::CANNOT_EXEC
+        })
     })?;
-    let facts = elf::read(&file)
-        .map_err(|e| Error::new(format!("{shown}: {e}")).code(code::CANNOT_EXEC))?;
+    let facts = elf::read(&file).map_err(|e| Error::new(format!("{shown}: {e}")).code(code::CANNOT_EXEC))?;
     let qemu = interp::find_qemu(&cfg, facts.arch, &RealProbe).ok_or_else(|| {
         Error::new(format!("{shown}: no qemu-{} found", facts.arch.qemu))
             .hint("install qemu-user-static or set NIXQIMG_QEMU_DIR")
             .code(code::NOT_FOUND)
     })?;
-    cfg.sysroots
-        .push(Path::new("/usr").join(facts.arch.gnu_triplet));
+    cfg.sysroots.push(Path::new("/usr").join(facts.arch.gnu_triplet));
     let req = Request {
         program: a.binary.as_os_str(),
         path: a.binary.as_os_str(),
@@ -155,8 +147,7 @@ fn exec_cmd(a: ExecArgs) -> Result<()> {
         page_size: exec::page_size(),
         secure: false,
     };
-    let plan = plan::plan(&req, &RealProbe)
-        .map_err(|e| Error::new(format!("{shown}: {e}")).code(code::NOT_FOUND))?;
+    let plan = plan::plan(&req, &RealProbe).map_err(|e| Error::new(format!("{shown}: {e}")).code(code::NOT_FOUND))?;
     if a.explain {
         let mut out = String::new();
         for w in cfg.warnings.iter().chain(plan.why.iter()) {
@@ -171,8 +162,5 @@ fn exec_cmd(a: ExecArgs) -> Result<()> {
         return Ok(());
     }
     let e = exec::exec(&plan);
-    Err(
-        Error::new(format!("{shown}: cannot exec {}: {e}", plan.exe.display()))
-            .code(code::CANNOT_EXEC),
-    )
+    Err(Error::new(format!("{shown}: cannot exec {}: {e}", plan.exe.display())).code(code::CANNOT_EXEC))
 }

@@ -117,14 +117,8 @@ fn read_trusted(file: &Path, secure: bool, warnings: &mut Vec<String>) -> Option
     let f = std::fs::File::open(file).ok()?;
     if secure {
         let trusted = |m: &std::fs::Metadata| m.uid() == 0 && m.mode() & 0o022 == 0;
-        let dir_ok = file
-            .parent()
-            .and_then(|d| std::fs::metadata(d).ok())
-            .is_some_and(|m| trusted(&m));
-        let file_ok = f
-            .metadata()
-            .ok()
-            .is_some_and(|m| trusted(&m) && m.is_file());
+        let dir_ok = file.parent().and_then(|d| std::fs::metadata(d).ok()).is_some_and(|m| trusted(&m));
+        let file_ok = f.metadata().ok().is_some_and(|m| trusted(&m) && m.is_file());
         if !(dir_ok && file_ok) {
             warnings.push(format!(
                 "{}: ignored for a setuid program: not root-owned or writable by others",
@@ -150,11 +144,7 @@ fn apply_file(c: &mut Config, file: &Path, text: &[u8]) {
             continue;
         }
         let Some(eq) = line.iter().position(|&b| b == b'=') else {
-            c.warnings.push(format!(
-                "{}:{}: expected key = value",
-                file.display(),
-                n + 1
-            ));
+            c.warnings.push(format!("{}:{}: expected key = value", file.display(), n + 1));
             continue;
         };
         let (key, value) = (trim(&line[..eq]), trim(&line[eq + 1..]));
@@ -164,31 +154,18 @@ fn apply_file(c: &mut Config, file: &Path, text: &[u8]) {
             b"sysroot" => c.sysroots.push(path()),
             b"strategy" => match std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()) {
                 Some(s) => c.strategy = s,
-                None => c
-                    .warnings
-                    .push(format!("{}:{}: unknown strategy", file.display(), n + 1)),
+                None => c.warnings.push(format!("{}:{}: unknown strategy", file.display(), n + 1)),
             },
             b"log" => c.log = Some(String::from_utf8_lossy(value).into_owned()),
             b"log_file" => c.log_file = Some(path()),
-            _ => c.warnings.push(format!(
-                "{}:{}: unknown key {}",
-                file.display(),
-                n + 1,
-                String::from_utf8_lossy(key)
-            )),
+            _ => c.warnings.push(format!("{}:{}: unknown key {}", file.display(), n + 1, String::from_utf8_lossy(key))),
         }
     }
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let end = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
+    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -205,8 +182,7 @@ mod tests {
     }
 
     fn dir_with_config(text: &str) -> (PathBuf, PathBuf) {
-        let d =
-            std::env::temp_dir().join(format!("nixqimg-cfg-{}-{}", std::process::id(), text.len()));
+        let d = std::env::temp_dir().join(format!("nixqimg-cfg-{}-{}", std::process::id(), text.len()));
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join(FILE_NAME), text).unwrap();
         (d.clone(), d.join("nixqimg"))
@@ -214,13 +190,9 @@ mod tests {
 
     #[test]
     fn file_then_env_then_defaults() {
-        let (d, exe) = dir_with_config(
-            "# comment\nqemu_dir = /q\nstrategy = direct\nsysroot=/s\nlog = debug\nbogus = 1\n",
-        );
-        let env = MapEnv(HashMap::from([
-            ("NIXQIMG_QEMU_DIR", "/envq"),
-            ("NIXQIMG_STRATEGY", "loader-first"),
-        ]));
+        let (d, exe) =
+            dir_with_config("# comment\nqemu_dir = /q\nstrategy = direct\nsysroot=/s\nlog = debug\nbogus = 1\n");
+        let env = MapEnv(HashMap::from([("NIXQIMG_QEMU_DIR", "/envq"), ("NIXQIMG_STRATEGY", "loader-first")]));
         let c = load(Some(&exe), &env, false);
         let expect_prefix: Vec<PathBuf> = build_time_qemu_dir()
             .map(PathBuf::from)

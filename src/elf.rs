@@ -74,19 +74,11 @@ impl std::fmt::Display for ElfError {
                 write!(f, "truncated ELF: {what} lies beyond the end of the file")
             }
             ElfError::Malformed(what) => write!(f, "malformed ELF: {what}"),
-            ElfError::UnknownMachine {
-                machine,
-                class,
-                data,
-            } => write!(
+            ElfError::UnknownMachine { machine, class, data } => write!(
                 f,
                 "ELF machine {machine} ({}-bit, {}) is not one nixqimg knows",
                 if *class == 1 { 32 } else { 64 },
-                if *data == 2 {
-                    "big-endian"
-                } else {
-                    "little-endian"
-                }
+                if *data == 2 { "big-endian" } else { "little-endian" }
             ),
         }
     }
@@ -101,12 +93,7 @@ impl ElfFacts {
     }
 }
 
-fn read_exact_at(
-    file: &File,
-    buf: &mut [u8],
-    off: u64,
-    what: &'static str,
-) -> Result<(), ElfError> {
+fn read_exact_at(file: &File, buf: &mut [u8], off: u64, what: &'static str) -> Result<(), ElfError> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], off + done as u64) {
@@ -147,11 +134,7 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
     let (endian, gendian) = match head[5] {
         1 => (Endian::Little, goblin::container::Endian::Little),
         2 => (Endian::Big, goblin::container::Endian::Big),
-        _ => {
-            return Err(ElfError::Malformed(
-                "EI_DATA is neither little- nor big-endian",
-            ))
-        }
+        _ => return Err(ElfError::Malformed("EI_DATA is neither little- nor big-endian")),
     };
     let e_type = u16_at(head, 16, endian);
     let machine = u16_at(head, 18, endian);
@@ -167,17 +150,14 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
     if head.len() < ehsize {
         return Err(ElfError::Truncated("the ELF header"));
     }
-    let header =
-        goblin::elf::Elf::parse_header(head).map_err(|_| ElfError::Malformed("ELF header"))?;
+    let header = goblin::elf::Elf::parse_header(head).map_err(|_| ElfError::Malformed("ELF header"))?;
     let ctx = Ctx::new(container, gendian);
     let phentsize = ProgramHeader::size(ctx);
     if header.e_phnum == 0 {
         return Err(ElfError::Malformed("no program headers"));
     }
     if header.e_phentsize as usize != phentsize {
-        return Err(ElfError::Malformed(
-            "e_phentsize does not match the ELF class",
-        ));
+        return Err(ElfError::Malformed("e_phentsize does not match the ELF class"));
     }
     let phnum = header.e_phnum as usize;
     let phbytes = phnum * phentsize;
@@ -186,10 +166,7 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
     }
     let phoff = header.e_phoff;
     let mut far;
-    let table: &[u8] = match usize::try_from(phoff)
-        .ok()
-        .and_then(|o| Some((o, o.checked_add(phbytes)?)))
-    {
+    let table: &[u8] = match usize::try_from(phoff).ok().and_then(|o| Some((o, o.checked_add(phbytes)?))) {
         Some((start, end)) if end <= head.len() => &head[start..end],
         _ if phoff.checked_add(phbytes as u64).is_none() => {
             return Err(ElfError::Malformed("e_phoff overflows"));
@@ -200,8 +177,7 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
             &far[..]
         }
     };
-    let phdrs = ProgramHeader::parse(table, 0, phnum, ctx)
-        .map_err(|_| ElfError::Malformed("program header table"))?;
+    let phdrs = ProgramHeader::parse(table, 0, phnum, ctx).map_err(|_| ElfError::Malformed("program header table"))?;
 
     let mut facts = ElfFacts {
         arch,
@@ -298,16 +274,10 @@ fn read_dynamic(
     read_exact_at(file, &mut buf, dynph.p_offset, "the dynamic section")?;
     let word = |b: &[u8]| -> u64 {
         match (class, endian) {
-            (Class::Elf64, Endian::Little) => {
-                u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8]))
-            }
+            (Class::Elf64, Endian::Little) => u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])),
             (Class::Elf64, Endian::Big) => u64::from_be_bytes(b[..8].try_into().unwrap_or([0; 8])),
-            (Class::Elf32, Endian::Little) => {
-                u32::from_le_bytes(b[..4].try_into().unwrap_or([0; 4])) as u64
-            }
-            (Class::Elf32, Endian::Big) => {
-                u32::from_be_bytes(b[..4].try_into().unwrap_or([0; 4])) as u64
-            }
+            (Class::Elf32, Endian::Little) => u32::from_le_bytes(b[..4].try_into().unwrap_or([0; 4])) as u64,
+            (Class::Elf32, Endian::Big) => u32::from_be_bytes(b[..4].try_into().unwrap_or([0; 4])) as u64,
         }
     };
     let half = entsize / 2;
@@ -330,26 +300,17 @@ fn read_dynamic(
     };
     // DT_STRTAB is an address; in ET_DYN files it is relative to the load base 0, as the vaddrs are.
     let Some((str_off, avail)) = vaddr_to_offset(phdrs, strtab) else {
-        return Err(ElfError::Malformed(
-            "DT_STRTAB is not inside a loaded segment",
-        ));
+        return Err(ElfError::Malformed("DT_STRTAB is not inside a loaded segment"));
     };
     let strsz = strsz.unwrap_or(avail).min(avail);
-    let wanted: Vec<u64> = needed
-        .iter()
-        .chain(runpath.iter())
-        .chain(rpath.iter())
-        .copied()
-        .filter(|&o| o < strsz)
-        .collect();
+    let wanted: Vec<u64> =
+        needed.iter().chain(runpath.iter()).chain(rpath.iter()).copied().filter(|&o| o < strsz).collect();
     let (Some(&min), Some(&max)) = (wanted.iter().min(), wanted.iter().max()) else {
         return Ok(());
     };
     let end = max.saturating_add(MAX_STR as u64).min(strsz);
     if end - min > MAX_STRTAB_WINDOW {
-        return Err(ElfError::Malformed(
-            "dynamic strings spread over more than 256 KiB",
-        ));
+        return Err(ElfError::Malformed("dynamic strings spread over more than 256 KiB"));
     }
     let mut window = vec![0u8; (end - min) as usize];
     let n = {
@@ -371,11 +332,7 @@ fn read_dynamic(
         let len = s.iter().take(MAX_STR).position(|&b| b == 0)?;
         Some(s[..len].to_vec())
     };
-    facts.needed = needed
-        .iter()
-        .filter_map(|&o| string(o))
-        .filter(|s| !s.is_empty())
-        .collect();
+    facts.needed = needed.iter().filter_map(|&o| string(o)).filter(|s| !s.is_empty()).collect();
     if let Some(rp) = runpath.and_then(string) {
         facts.runpath = Some(rp);
     } else if let Some(rp) = rpath.and_then(string) {
@@ -413,14 +370,7 @@ mod tests {
             f[b + 40..b + 48].copy_from_slice(&sz.to_le_bytes());
         };
         ph(&mut f, 0, PT_LOAD, 0, load, 0x400);
-        ph(
-            &mut f,
-            1,
-            PT_INTERP,
-            0x200,
-            load + 0x200,
-            interp.len() as u64 + 1,
-        );
+        ph(&mut f, 1, PT_INTERP, 0x200, load + 0x200, interp.len() as u64 + 1);
         ph(&mut f, 2, PT_DYNAMIC, 0x300, load + 0x300, 5 * 16);
         f[0x200..0x200 + interp.len()].copy_from_slice(interp);
         // strtab at 0x380: "\0libc.so.6\0/opt/lib\0"
@@ -447,35 +397,18 @@ mod tests {
 
     fn tempfile() -> File {
         let dir = std::env::temp_dir();
-        let p = dir.join(format!(
-            "nixqimg-elf-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .unwrap();
+        let p = dir.join(format!("nixqimg-elf-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
         let _ = std::fs::remove_file(&p);
         f
     }
 
     #[test]
     fn reads_interp_rpath_needed_and_lowest_load() {
-        let f = facts_of(&sample(
-            b"/nix/store/x-bootstrap-tools/lib/ld-linux-aarch64.so.1",
-            ET_EXEC,
-            0x3ff000,
-        ))
-        .unwrap();
+        let f =
+            facts_of(&sample(b"/nix/store/x-bootstrap-tools/lib/ld-linux-aarch64.so.1", ET_EXEC, 0x3ff000)).unwrap();
         assert_eq!(f.arch.name, "aarch64");
-        assert_eq!(
-            f.interp.as_deref(),
-            Some(&b"/nix/store/x-bootstrap-tools/lib/ld-linux-aarch64.so.1"[..])
-        );
+        assert_eq!(f.interp.as_deref(), Some(&b"/nix/store/x-bootstrap-tools/lib/ld-linux-aarch64.so.1"[..]));
         assert_eq!(f.needed, vec![b"libc.so.6".to_vec()]);
         assert_eq!(f.runpath.as_deref(), Some(&b"/opt/lib"[..]));
         assert!(f.runpath_is_rpath);
@@ -506,9 +439,6 @@ mod tests {
         assert!(matches!(facts_of(b"#!/bin/sh\n"), Err(ElfError::NotElf)));
         let mut s = sample(b"/lib/ld.so", ET_DYN, 0);
         s[18] = 0x99;
-        assert!(matches!(
-            facts_of(&s),
-            Err(ElfError::UnknownMachine { machine: 0x99, .. })
-        ));
+        assert!(matches!(facts_of(&s), Err(ElfError::UnknownMachine { machine: 0x99, .. })));
     }
 }

@@ -22,11 +22,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(what: impl Into<String>) -> Self {
-        Error {
-            what: what.into(),
-            hint: None,
-            code: code::FAILURE,
-        }
+        Error { what: what.into(), hint: None, code: code::FAILURE }
     }
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());

@@ -21,12 +21,8 @@ impl Probe for RealProbe {
         let Ok(rd) = std::fs::read_dir(dir) else {
             return Vec::new();
         };
-        let mut v: Vec<PathBuf> = rd
-            .flatten()
-            .filter(|e| e.file_name().as_bytes().starts_with(prefix))
-            .map(|e| e.path())
-            .take(64)
-            .collect();
+        let mut v: Vec<PathBuf> =
+            rd.flatten().filter(|e| e.file_name().as_bytes().starts_with(prefix)).map(|e| e.path()).take(64).collect();
         v.sort();
         v
     }
@@ -34,14 +30,8 @@ impl Probe for RealProbe {
         // glibc before 2.34 installs ld-2.NN.so behind the ld-linux symlink: the name says the version.
         if let Ok(target) = std::fs::read_link(loader) {
             let name = target.file_name().map(|n| n.as_bytes()).unwrap_or_default();
-            if let Some(minor) = name
-                .strip_prefix(b"ld-2.")
-                .and_then(|r| r.strip_suffix(b".so"))
-            {
-                if let Some(m) = std::str::from_utf8(minor)
-                    .ok()
-                    .and_then(|m| m.parse::<u32>().ok())
-                {
+            if let Some(minor) = name.strip_prefix(b"ld-2.").and_then(|r| r.strip_suffix(b".so")) {
+                if let Some(m) = std::str::from_utf8(minor).ok().and_then(|m| m.parse::<u32>().ok()) {
                     return m >= 33;
                 }
             }
@@ -78,10 +68,7 @@ pub fn page_size() -> u64 {
 
 fn cstring(s: &OsStr) -> io::Result<CString> {
     CString::new(s.as_bytes()).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "an argument or environment entry contains a NUL byte",
-        )
+        io::Error::new(io::ErrorKind::InvalidInput, "an argument or environment entry contains a NUL byte")
     })
 }
 
@@ -89,16 +76,8 @@ fn cstring(s: &OsStr) -> io::Result<CString> {
 pub fn exec(plan: &Plan) -> io::Error {
     let build = || -> io::Result<(CString, Vec<CString>, Vec<CString>)> {
         let exe = cstring(plan.exe.as_os_str())?;
-        let argv = plan
-            .argv
-            .iter()
-            .map(|a| cstring(a))
-            .collect::<io::Result<Vec<_>>>()?;
-        let env = plan
-            .env
-            .iter()
-            .map(|a| cstring(a))
-            .collect::<io::Result<Vec<_>>>()?;
+        let argv = plan.argv.iter().map(|a| cstring(a)).collect::<io::Result<Vec<_>>>()?;
+        let env = plan.env.iter().map(|a| cstring(a)).collect::<io::Result<Vec<_>>>()?;
         Ok((exe, argv, env))
     };
     match build() {

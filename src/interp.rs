@@ -26,9 +26,7 @@ pub const BINFMT_NAME: &str = "nixqimg-binfmt";
 /// Did the kernel start us as a `P` interpreter?
 pub fn started_by_binfmt(argv0: Option<&OsStr>) -> bool {
     exec::auxv(libc::AT_FLAGS) & 1 != 0
-        || argv0
-            .and_then(|a| Path::new(a).file_name())
-            .is_some_and(|n| n == BINFMT_NAME)
+        || argv0.and_then(|a| Path::new(a).file_name()).is_some_and(|n| n == BINFMT_NAME)
 }
 
 struct Fail {
@@ -68,11 +66,7 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
     let secure = exec::auxv(libc::AT_SECURE) != 0;
     let execfd = exec::auxv(libc::AT_EXECFD);
     let self_exe = std::fs::read_link("/proc/self/exe").ok();
-    let env: &dyn config::Env = if secure {
-        &config::NoEnv
-    } else {
-        &config::ProcessEnv
-    };
+    let env: &dyn config::Env = if secure { &config::NoEnv } else { &config::ProcessEnv };
     let mut cfg = config::load(self_exe.as_deref(), env, secure);
     let _log = crate::logging::init(cfg.log.as_deref(), cfg.log_file.as_deref());
 
@@ -86,11 +80,7 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
         (f, OsString::from(format!("/proc/self/fd/{execfd}")))
     } else {
         let f = File::open(path).map_err(|e| Fail {
-            code: if e.kind() == std::io::ErrorKind::NotFound {
-                code::NOT_FOUND
-            } else {
-                code::CANNOT_EXEC
-            },
+            code: if e.kind() == std::io::ErrorKind::NotFound { code::NOT_FOUND } else { code::CANNOT_EXEC },
             what: format!("cannot open: {e}"),
             hint: "",
         })?;
@@ -99,24 +89,24 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
     let facts = elf::read(&file).map_err(|e| Fail {
         what: e.to_string(),
         hint: match e {
-            elf::ElfError::UnknownMachine { .. } => {
-                "see 'nixqimg status' for the architectures nixqimg serves"
-            }
+            elf::ElfError::UnknownMachine { .. } => "see 'nixqimg status' for the architectures nixqimg serves",
             elf::ElfError::Io(_) => "",
-            _ => {
-                "the file is damaged or not a program; binfmt_misc matched only its first 20 bytes"
-            }
+            _ => "the file is damaged or not a program; binfmt_misc matched only its first 20 bytes",
         },
         code: code::CANNOT_EXEC,
     })?;
     tracing::debug!(arch = facts.arch.name, interp = ?facts.interp.as_deref().map(String::from_utf8_lossy), "elf");
     let qemu = find_qemu(&cfg, facts.arch, &RealProbe).ok_or_else(|| Fail {
-        what: format!("no qemu-{} or qemu-{}-static in {}", facts.arch.qemu, facts.arch.qemu, join_dirs(&cfg.qemu_dirs)),
+        what: format!(
+            "no qemu-{} or qemu-{}-static in {}",
+            facts.arch.qemu,
+            facts.arch.qemu,
+            join_dirs(&cfg.qemu_dirs)
+        ),
         hint: "install qemu-user-static, or set qemu_dir in nixqimg.conf beside nixqimg, or NIXQIMG_QEMU_DIR",
         code: code::NOT_FOUND,
     })?;
-    cfg.sysroots
-        .push(Path::new("/usr").join(facts.arch.gnu_triplet));
+    cfg.sysroots.push(Path::new("/usr").join(facts.arch.gnu_triplet));
     let req = Request {
         program: &program,
         path,
@@ -147,22 +137,14 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
 }
 
 fn join_dirs(d: &[PathBuf]) -> String {
-    d.iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    d.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// First `qemu-<arch>-static` or `qemu-<arch>` in the configured directories (static first: it also
 /// works inside a Nix sandbox, where a dynamic qemu's libraries are not visible).
 pub fn find_qemu(cfg: &Config, arch: &Arch, probe: &dyn Probe) -> Option<PathBuf> {
-    let names = [
-        format!("qemu-{}-static", arch.qemu),
-        format!("qemu-{}", arch.qemu),
-    ];
-    cfg.qemu_dirs
-        .iter()
-        .find_map(|d| names.iter().map(|n| d.join(n)).find(|p| probe.is_file(p)))
+    let names = [format!("qemu-{}-static", arch.qemu), format!("qemu-{}", arch.qemu)];
+    cfg.qemu_dirs.iter().find_map(|d| names.iter().map(|n| d.join(n)).find(|p| probe.is_file(p)))
 }
 
 /// The environment exactly as we got it, entries without `=` included.
@@ -179,9 +161,7 @@ pub fn environ() -> Vec<OsString> {
             return out;
         }
         while !(*p).is_null() {
-            out.push(OsString::from_vec(
-                std::ffi::CStr::from_ptr(*p).to_bytes().to_vec(),
-            ));
+            out.push(OsString::from_vec(std::ffi::CStr::from_ptr(*p).to_bytes().to_vec()));
             p = p.add(1);
         }
     }

@@ -81,11 +81,7 @@ pub struct Request<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
     Direct,
-    LoaderFirst {
-        loader: PathBuf,
-        library_path: Vec<PathBuf>,
-        argv0: bool,
-    },
+    LoaderFirst { loader: PathBuf, library_path: Vec<PathBuf>, argv0: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,10 +97,7 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlanError {
     /// The program names a loader that exists nowhere we may look.
-    LoaderMissing {
-        interp: PathBuf,
-        looked: Vec<PathBuf>,
-    },
+    LoaderMissing { interp: PathBuf, looked: Vec<PathBuf> },
 }
 
 impl fmt::Display for PlanError {
@@ -126,9 +119,7 @@ impl fmt::Display for PlanError {
 
 /// Does an ET_EXEC image risk qemu's guest_base failure on a host with `page_size` pages?
 pub fn guest_base_risk(facts: &ElfFacts, page_size: u64) -> bool {
-    facts.is_fixed_address()
-        && page_size > 0
-        && facts.lowest_load.is_some_and(|lo| lo % page_size != 0)
+    facts.is_fixed_address() && page_size > 0 && facts.lowest_load.is_some_and(|lo| lo % page_size != 0)
 }
 
 /// `<store>/<32 nix-base32 chars>-bootstrap-tools` prefix of `path`, if it lies in such a tree.
@@ -138,10 +129,7 @@ pub fn bootstrap_tools_root(path: &Path) -> Option<PathBuf> {
         root.push(comp);
         let name = comp.as_os_str().as_bytes();
         if let Some(hash) = name.strip_suffix(b"-bootstrap-tools") {
-            if hash.len() == 32
-                && hash
-                    .iter()
-                    .all(|&c| matches!(c, b'0'..=b'9' | b'a'..=b'z') && !b"eotu".contains(&c))
+            if hash.len() == 32 && hash.iter().all(|&c| matches!(c, b'0'..=b'9' | b'a'..=b'z') && !b"eotu".contains(&c))
             {
                 return Some(root);
             }
@@ -168,11 +156,7 @@ pub fn search_dirs(runpath: &[u8], origin: &Path) -> Vec<PathBuf> {
             let mut i = 0;
             while i < d.len() {
                 let rest = &d[i..];
-                if let Some(n) = [&b"$ORIGIN"[..], b"${ORIGIN}"]
-                    .iter()
-                    .find(|t| rest.starts_with(t))
-                    .map(|t| t.len())
-                {
+                if let Some(n) = [&b"$ORIGIN"[..], b"${ORIGIN}"].iter().find(|t| rest.starts_with(t)).map(|t| t.len()) {
                     out.extend_from_slice(o);
                     i += n;
                 } else {
@@ -197,10 +181,7 @@ fn find_loader(
         return Ok((interp.to_path_buf(), false));
     }
     let arch: &Arch = req.facts.arch;
-    let name = interp
-        .file_name()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(arch.loader));
+    let name = interp.file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(arch.loader));
     let mut looked = Vec::new();
     let try_at = |cand: PathBuf, looked: &mut Vec<PathBuf>| -> Option<PathBuf> {
         if probe.is_file(&cand) {
@@ -217,22 +198,12 @@ fn find_loader(
             let lib = root.join("lib");
             for n in [name.as_path(), Path::new(arch.loader)] {
                 if let Some(l) = try_at(lib.join(n), &mut looked) {
-                    why.push(format!(
-                        "program lies in bootstrap-tools tree {}",
-                        root.display()
-                    ));
+                    why.push(format!("program lies in bootstrap-tools tree {}", root.display()));
                     return Ok((l, true));
                 }
             }
-            if let Some(l) = probe
-                .list(&lib, b"ld-")
-                .into_iter()
-                .find(|c| c.as_os_str().as_bytes().contains(&b'.'))
-            {
-                why.push(format!(
-                    "program lies in bootstrap-tools tree {}",
-                    root.display()
-                ));
+            if let Some(l) = probe.list(&lib, b"ld-").into_iter().find(|c| c.as_os_str().as_bytes().contains(&b'.')) {
+                why.push(format!("program lies in bootstrap-tools tree {}", root.display()));
                 return Ok((l, true));
             }
         }
@@ -240,31 +211,21 @@ fn find_loader(
     if let Some(rp) = &req.facts.runpath {
         for d in search_dirs(rp, &dirname(req.path)) {
             if let Some(l) = try_at(d.join(&name), &mut looked) {
-                why.push(format!(
-                    "loader found in the program's RUNPATH/RPATH directory {}",
-                    d.display()
-                ));
+                why.push(format!("loader found in the program's RUNPATH/RPATH directory {}", d.display()));
                 return Ok((l, true));
             }
         }
     }
     for root in req.sysroots {
         let rel = interp.strip_prefix("/").unwrap_or(interp);
-        for cand in [
-            root.join(rel),
-            root.join("lib").join(&name),
-            root.join("lib64").join(&name),
-        ] {
+        for cand in [root.join(rel), root.join("lib").join(&name), root.join("lib64").join(&name)] {
             if let Some(l) = try_at(cand, &mut looked) {
                 why.push(format!("loader found in sysroot {}", root.display()));
                 return Ok((l, true));
             }
         }
     }
-    Err(PlanError::LoaderMissing {
-        interp: interp.to_path_buf(),
-        looked,
-    })
+    Err(PlanError::LoaderMissing { interp: interp.to_path_buf(), looked })
 }
 
 /// Directories to hand ld.so with `--library-path`: only for libraries it would not find itself.
@@ -278,12 +239,7 @@ fn missing_library_dirs(
 ) -> Vec<PathBuf> {
     let arch = req.facts.arch;
     let origin = dirname(req.path);
-    let mut own: Vec<PathBuf> = req
-        .facts
-        .runpath
-        .as_deref()
-        .map(|r| search_dirs(r, &origin))
-        .unwrap_or_default();
+    let mut own: Vec<PathBuf> = req.facts.runpath.as_deref().map(|r| search_dirs(r, &origin)).unwrap_or_default();
     // ld.so's built-in directories: for Nix's glibc its own lib dir (where PT_INTERP points), for
     // Debian's the multiarch and plain lib dirs. A relocated loader's built-ins point nowhere useful.
     if !relocated {
@@ -300,36 +256,21 @@ fn missing_library_dirs(
         .parent()
         .map(Path::to_path_buf)
         .into_iter()
-        .chain(
-            req.sysroots
-                .iter()
-                .flat_map(|s| [s.join("lib"), s.join("lib64"), s.join("usr/lib")]),
-        )
+        .chain(req.sysroots.iter().flat_map(|s| [s.join("lib"), s.join("lib64"), s.join("usr/lib")]))
         .collect();
     for lib in &req.facts.needed {
         let lib = Path::new(OsStr::from_bytes(lib));
         if lib.as_os_str().as_bytes().contains(&b'/') {
             continue;
         }
-        if own
-            .iter()
-            .chain(extra.iter())
-            .any(|d| probe.is_file(&d.join(lib)))
-        {
+        if own.iter().chain(extra.iter()).any(|d| probe.is_file(&d.join(lib))) {
             continue;
         }
         if let Some(d) = candidates.iter().find(|d| probe.is_file(&d.join(lib))) {
-            why.push(format!(
-                "{} is found only in {}",
-                lib.display(),
-                d.display()
-            ));
+            why.push(format!("{} is found only in {}", lib.display(), d.display()));
             extra.push(d.clone());
         } else {
-            why.push(format!(
-                "{} is found nowhere nixqimg looks; ld.so will report it",
-                lib.display()
-            ));
+            why.push(format!("{} is found nowhere nixqimg looks; ld.so will report it", lib.display()));
         }
     }
     // A relocated loader must at least find its own libc next to it.
@@ -346,11 +287,7 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
     let mut why = vec![format!(
         "{} {} ({})",
         f.arch.name,
-        if f.is_fixed_address() {
-            "ET_EXEC"
-        } else {
-            "ET_DYN"
-        },
+        if f.is_fixed_address() { "ET_EXEC" } else { "ET_DYN" },
         match &f.interp {
             Some(i) => format!("dynamic, PT_INTERP {}", String::from_utf8_lossy(i)),
             None => "static".into(),
@@ -361,24 +298,19 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
         why.push(format!(
             "lowest load address {lo:#x}; host page size {}: {}",
             req.page_size,
-            if risk {
-                "qemu cannot reserve it (guest_base failure)"
-            } else {
-                "qemu can place it"
-            }
+            if risk { "qemu cannot reserve it (guest_base failure)" } else { "qemu can place it" }
         ));
     }
 
     let mode = match &f.interp {
         None => {
             if req.strategy == Strategy::LoaderFirst {
-                why.push(
-                    "static program: run directly whatever the strategy (ld.so must never load it)"
-                        .into(),
-                );
+                why.push("static program: run directly whatever the strategy (ld.so must never load it)".into());
             }
             if risk {
-                why.push("static ET_EXEC with an unplaceable address: no loader can help; it may fail on this host".into());
+                why.push(
+                    "static ET_EXEC with an unplaceable address: no loader can help; it may fail on this host".into(),
+                );
             }
             Mode::Direct
         }
@@ -391,30 +323,24 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
                 }
                 s => {
                     let (loader, relocated) = find_loader(req, probe, &interp, &mut why)?;
-                    let library_path =
-                        missing_library_dirs(req, probe, &loader, relocated, &interp, &mut why);
-                    let first =
-                        s == Strategy::LoaderFirst || relocated || !library_path.is_empty() || risk;
+                    let library_path = missing_library_dirs(req, probe, &loader, relocated, &interp, &mut why);
+                    let first = s == Strategy::LoaderFirst || relocated || !library_path.is_empty() || risk;
                     if s == Strategy::LoaderFirst {
                         why.push("strategy loader-first".into());
                     } else if relocated {
-                        why.push(format!(
-                            "loader is not at PT_INTERP; using {}",
-                            loader.display()
-                        ));
+                        why.push(format!("loader is not at PT_INTERP; using {}", loader.display()));
                     } else if risk {
                         why.push("loader-first: ld.so is ET_DYN and maps the program through qemu's mmap".into());
                     }
                     if first {
                         let argv0 = probe.loader_has_argv0(&loader);
                         if !argv0 {
-                            why.push("this loader has no --argv0 (glibc < 2.33): the program sees its path as argv[0]".into());
+                            why.push(
+                                "this loader has no --argv0 (glibc < 2.33): the program sees its path as argv[0]"
+                                    .into(),
+                            );
                         }
-                        Mode::LoaderFirst {
-                            loader,
-                            library_path,
-                            argv0,
-                        }
+                        Mode::LoaderFirst { loader, library_path, argv0 }
                     } else {
                         why.push("loader at PT_INTERP and libraries found: direct".into());
                         Mode::Direct
@@ -428,8 +354,12 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
     argv.push(req.qemu.clone().into_os_string());
     argv.push("-0".into());
     argv.push(req.argv0.to_owned());
+    // qemu-user builds the guest's environment by pushing each of its own variables, then each `-E`,
+    // onto the head of a list: the guest sees them in reverse. Handing both over reversed gives the
+    // guest its environment in the original order, with the LD_* variables (in their own order) first.
     let mut env = Vec::with_capacity(req.env.len());
-    for kv in &req.env {
+    let mut ld = Vec::new();
+    for kv in req.env.iter().rev() {
         let b = kv.as_bytes();
         if req.secure && b.starts_with(b"QEMU_") {
             continue;
@@ -437,20 +367,19 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
         // LD_* is for the guest's loader; a dynamic host qemu must not load guest libraries. `-E`
         // splits on commas, so a value with one stays in the environment (harmless to a static qemu).
         if b.starts_with(b"LD_") && !b.contains(&b',') {
-            argv.push("-E".into());
-            argv.push(kv.clone());
+            ld.push(kv.clone());
             continue;
         }
         env.push(kv.clone());
     }
+    for kv in ld {
+        argv.push("-E".into());
+        argv.push(kv);
+    }
     argv.push("--".into());
     match &mode {
         Mode::Direct => argv.push(req.program.to_owned()),
-        Mode::LoaderFirst {
-            loader,
-            library_path,
-            argv0,
-        } => {
+        Mode::LoaderFirst { loader, library_path, argv0 } => {
             argv.push(loader.clone().into_os_string());
             argv.push("--inhibit-cache".into());
             if !library_path.is_empty() {
@@ -472,13 +401,7 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
         }
     }
     argv.extend(req.args.iter().cloned());
-    Ok(Plan {
-        exe: req.qemu.clone(),
-        argv,
-        env,
-        mode,
-        why,
-    })
+    Ok(Plan { exe: req.qemu.clone(), argv, env, mode, why })
 }
 
 #[cfg(test)]
@@ -499,11 +422,7 @@ mod tests {
             let mut v: Vec<PathBuf> = self
                 .files
                 .iter()
-                .filter(|f| {
-                    f.parent() == Some(dir)
-                        && f.file_name()
-                            .is_some_and(|n| n.as_bytes().starts_with(prefix))
-                })
+                .filter(|f| f.parent() == Some(dir) && f.file_name().is_some_and(|n| n.as_bytes().starts_with(prefix)))
                 .cloned()
                 .collect();
             v.sort();
@@ -517,19 +436,10 @@ mod tests {
         }
     }
     fn fs(files: &[&str]) -> FakeFs {
-        FakeFs {
-            files: files.iter().map(PathBuf::from).collect(),
-            argv0: true,
-        }
+        FakeFs { files: files.iter().map(PathBuf::from).collect(), argv0: true }
     }
 
-    fn facts(
-        interp: Option<&str>,
-        e_type: u16,
-        lowest: u64,
-        runpath: Option<&str>,
-        needed: &[&str],
-    ) -> ElfFacts {
+    fn facts(interp: Option<&str>, e_type: u16, lowest: u64, runpath: Option<&str>, needed: &[&str]) -> ElfFacts {
         ElfFacts {
             arch: arch::by_name("aarch64").unwrap(),
             e_type,
@@ -566,10 +476,7 @@ mod tests {
     }
 
     fn argv(p: &Plan) -> Vec<String> {
-        p.argv
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
+        p.argv.iter().map(|a| a.to_string_lossy().into_owned()).collect()
     }
 
     const BT: &str = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-bootstrap-tools";
@@ -578,43 +485,22 @@ mod tests {
     fn static_runs_direct_even_when_loader_first_is_asked() {
         let f = facts(None, 2, 0x400000, None, &[]);
         let args = [OsString::from("a b")];
-        let p = plan(
-            &req(&f, "/bin/x", &args, vec![], Strategy::LoaderFirst, 4096),
-            &fs(&[]),
-        )
-        .unwrap();
-        assert_eq!(
-            argv(&p),
-            ["/q/qemu-aarch64", "-0", "prog0", "--", "/bin/x", "a b"]
-        );
+        let p = plan(&req(&f, "/bin/x", &args, vec![], Strategy::LoaderFirst, 4096), &fs(&[])).unwrap();
+        assert_eq!(argv(&p), ["/q/qemu-aarch64", "-0", "prog0", "--", "/bin/x", "a b"]);
         assert_eq!(p.mode, Mode::Direct);
     }
 
     #[test]
     fn dynamic_with_loader_in_place_runs_direct() {
-        let f = facts(
-            Some("/lib/ld-linux-aarch64.so.1"),
-            3,
-            0,
-            None,
-            &["libc.so.6"],
-        );
-        let files = fs(&[
-            "/lib/ld-linux-aarch64.so.1",
-            "/lib/aarch64-linux-gnu/libc.so.6",
-        ]);
-        let p = plan(
-            &req(&f, "/bin/x", &[], vec![], Strategy::Auto, 4096),
-            &files,
-        )
-        .unwrap();
+        let f = facts(Some("/lib/ld-linux-aarch64.so.1"), 3, 0, None, &["libc.so.6"]);
+        let files = fs(&["/lib/ld-linux-aarch64.so.1", "/lib/aarch64-linux-gnu/libc.so.6"]);
+        let p = plan(&req(&f, "/bin/x", &[], vec![], Strategy::Auto, 4096), &files).unwrap();
         assert_eq!(argv(&p), ["/q/qemu-aarch64", "-0", "prog0", "--", "/bin/x"]);
     }
 
     #[test]
     fn bootstrap_tools_with_missing_interp_goes_loader_first_with_the_trees_lib() {
-        let interp =
-            "/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-bootstrap-tools/lib/ld-linux-aarch64.so.1";
+        let interp = "/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-bootstrap-tools/lib/ld-linux-aarch64.so.1";
         let f = facts(Some(interp), 2, 0x3ff000, None, &["libc.so.6"]);
         let loader = format!("{BT}/lib/ld-linux-aarch64.so.1");
         let files = fs(&[&loader, &format!("{BT}/lib/libc.so.6")]);
@@ -641,60 +527,33 @@ mod tests {
     #[test]
     fn forced_rpath_finds_libc_so_no_library_path_is_added() {
         let interp = "/elsewhere/lib/ld-linux-aarch64.so.1";
-        let f = facts(
-            Some(interp),
-            2,
-            0x400000,
-            Some(&format!("{BT}/lib")),
-            &["libc.so.6"],
-        );
+        let f = facts(Some(interp), 2, 0x400000, Some(&format!("{BT}/lib")), &["libc.so.6"]);
         let loader = format!("{BT}/lib/ld-linux-aarch64.so.1");
         let files = fs(&[&loader, &format!("{BT}/lib/libc.so.6")]);
         let path = format!("{BT}/bin/sed");
         let p = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 4096), &files).unwrap();
         assert_eq!(
             argv(&p),
-            [
-                "/q/qemu-aarch64",
-                "-0",
-                "prog0",
-                "--",
-                &loader,
-                "--inhibit-cache",
-                "--argv0",
-                "prog0",
-                &path
-            ]
+            ["/q/qemu-aarch64", "-0", "prog0", "--", &loader, "--inhibit-cache", "--argv0", "prog0", &path]
         );
     }
 
     #[test]
     fn guest_base_risk_on_16k_pages_goes_loader_first_but_not_on_4k() {
         let interp = format!("{BT}/lib/ld-linux-aarch64.so.1");
-        let f = facts(
-            Some(&interp),
-            2,
-            0x3ff000,
-            Some(&format!("{BT}/lib")),
-            &["libc.so.6"],
-        );
+        let f = facts(Some(&interp), 2, 0x3ff000, Some(&format!("{BT}/lib")), &["libc.so.6"]);
         let files = fs(&[&interp, &format!("{BT}/lib/libc.so.6")]);
         let path = format!("{BT}/bin/bash");
         let p4 = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 4096), &files).unwrap();
         assert_eq!(p4.mode, Mode::Direct);
         let p16 = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 16384), &files).unwrap();
-        assert!(
-            matches!(p16.mode, Mode::LoaderFirst { ref library_path, .. } if library_path.is_empty())
-        );
+        assert!(matches!(p16.mode, Mode::LoaderFirst { ref library_path, .. } if library_path.is_empty()));
         // 0x3fc000 is 16K-aligned but not 64K-aligned.
         let g = facts(Some(&interp), 2, 0x3fc000, None, &[]);
         assert!(!guest_base_risk(&g, 16384));
         assert!(guest_base_risk(&g, 65536));
         // ET_DYN never has the risk.
-        assert!(!guest_base_risk(
-            &facts(Some(&interp), 3, 0x3ff000, None, &[]),
-            65536
-        ));
+        assert!(!guest_base_risk(&facts(Some(&interp), 3, 0x3ff000, None, &[]), 65536));
     }
 
     #[test]
@@ -712,38 +571,16 @@ mod tests {
 
     #[test]
     fn missing_loader_is_an_error_naming_where_it_looked() {
-        let f = facts(
-            Some("/nope/ld-linux-aarch64.so.1"),
-            3,
-            0,
-            Some("$ORIGIN/../lib"),
-            &[],
-        );
-        let e = plan(
-            &req(&f, "/p/bin/x", &[], vec![], Strategy::Auto, 4096),
-            &fs(&[]),
-        )
-        .unwrap_err();
+        let f = facts(Some("/nope/ld-linux-aarch64.so.1"), 3, 0, Some("$ORIGIN/../lib"), &[]);
+        let e = plan(&req(&f, "/p/bin/x", &[], vec![], Strategy::Auto, 4096), &fs(&[])).unwrap_err();
         let PlanError::LoaderMissing { looked, .. } = e;
-        assert_eq!(
-            looked,
-            vec![PathBuf::from("/p/bin/../lib/ld-linux-aarch64.so.1")]
-        );
+        assert_eq!(looked, vec![PathBuf::from("/p/bin/../lib/ld-linux-aarch64.so.1")]);
     }
 
     #[test]
     fn sysroot_supplies_loader_and_libraries() {
-        let f = facts(
-            Some("/lib/ld-linux-aarch64.so.1"),
-            3,
-            0,
-            None,
-            &["libc.so.6"],
-        );
-        let files = fs(&[
-            "/usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1",
-            "/usr/aarch64-linux-gnu/lib/libc.so.6",
-        ]);
+        let f = facts(Some("/lib/ld-linux-aarch64.so.1"), 3, 0, None, &["libc.so.6"]);
+        let files = fs(&["/usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1", "/usr/aarch64-linux-gnu/lib/libc.so.6"]);
         let sys = [PathBuf::from("/usr/aarch64-linux-gnu")];
         let mut r = req(&f, "/bin/x", &[], vec![], Strategy::Auto, 4096);
         r.sysroots = &sys;
@@ -761,66 +598,38 @@ mod tests {
     #[test]
     fn ld_variables_move_to_dash_e_and_qemu_variables_go_when_secure() {
         let f = facts(None, 3, 0, None, &[]);
-        let env: Vec<OsString> = [
-            "A=1",
-            "LD_LIBRARY_PATH=/x",
-            "LD_PRELOAD=a,b",
-            "QEMU_GDB=1234",
-            "B=2",
-        ]
-        .iter()
-        .map(OsString::from)
-        .collect();
+        let env: Vec<OsString> =
+            ["A=1", "LD_LIBRARY_PATH=/x", "LD_PRELOAD=a,b", "QEMU_GDB=1234", "LD_BIND_NOW=1", "B=2"]
+                .iter()
+                .map(OsString::from)
+                .collect();
         let mut r = req(&f, "/bin/x", &[], env, Strategy::Auto, 4096);
         let p = plan(&r, &fs(&[])).unwrap();
-        assert_eq!(
-            argv(&p),
-            [
-                "/q/qemu-aarch64",
-                "-0",
-                "prog0",
-                "-E",
-                "LD_LIBRARY_PATH=/x",
-                "--",
-                "/bin/x"
-            ]
-        );
-        assert_eq!(
-            p.env,
-            ["A=1", "LD_PRELOAD=a,b", "QEMU_GDB=1234", "B=2"].map(OsString::from)
-        );
+        let expect =
+            ["/q/qemu-aarch64", "-0", "prog0", "-E", "LD_BIND_NOW=1", "-E", "LD_LIBRARY_PATH=/x", "--", "/bin/x"];
+        assert_eq!(argv(&p), expect);
+        // Reversed: qemu reverses it again.
+        assert_eq!(p.env, ["B=2", "QEMU_GDB=1234", "LD_PRELOAD=a,b", "A=1"].map(OsString::from));
         r.secure = true;
         let p = plan(&r, &fs(&[])).unwrap();
-        assert_eq!(p.env, ["A=1", "LD_PRELOAD=a,b", "B=2"].map(OsString::from));
+        assert_eq!(p.env, ["B=2", "LD_PRELOAD=a,b", "A=1"].map(OsString::from));
     }
 
     #[test]
     fn origin_expands_in_runpath() {
         assert_eq!(
             search_dirs(b"$ORIGIN/../lib:${ORIGIN}:/abs", Path::new("/s/bin")),
-            vec![
-                PathBuf::from("/s/bin/../lib"),
-                PathBuf::from("/s/bin"),
-                PathBuf::from("/abs")
-            ]
+            vec![PathBuf::from("/s/bin/../lib"), PathBuf::from("/s/bin"), PathBuf::from("/abs")]
         );
     }
 
     #[test]
     fn bootstrap_tools_root_needs_a_store_hash() {
-        assert_eq!(
-            bootstrap_tools_root(Path::new(&format!("{BT}/libexec/x/y"))),
-            Some(PathBuf::from(BT))
-        );
-        assert_eq!(
-            bootstrap_tools_root(Path::new("/tmp/my-bootstrap-tools/bin/x")),
-            None
-        );
+        assert_eq!(bootstrap_tools_root(Path::new(&format!("{BT}/libexec/x/y"))), Some(PathBuf::from(BT)));
+        assert_eq!(bootstrap_tools_root(Path::new("/tmp/my-bootstrap-tools/bin/x")), None);
         // 'e', 'o', 't', 'u' are not in Nix's base32 alphabet.
         assert_eq!(
-            bootstrap_tools_root(Path::new(
-                "/nix/store/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-bootstrap-tools/bin/x"
-            )),
+            bootstrap_tools_root(Path::new("/nix/store/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-bootstrap-tools/bin/x")),
             None
         );
     }
