@@ -1,0 +1,135 @@
+{
+  description = "nixqimg: foreign programs under qemu-user through binfmt_misc, and NixOS cloud images built without a VM";
+
+  # Upstream nixpkgs only: no fork, no other input. Everything below works with a stock channel.
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
+
+  outputs =
+    { self, nixpkgs }:
+    let
+      inherit (nixpkgs) lib;
+
+      # The systems we make images for, and the build machines we support: the same two.
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
+      forAllSystems = lib.genAttrs systems;
+
+      pkgsFor =
+        system:
+        import nixpkgs {
+          inherit system;
+          overlays = [ self.overlays.default ];
+        };
+
+      # The image of `nixos` assembled by `buildPkgs`' own nixqimg: on an x86_64 machine making an
+      # aarch64 image nothing runs under emulation, the disk is only bytes (see nixos-module/image.nix).
+      imageOn =
+        buildPkgs: nixos:
+        import ./nixos-module/image.nix {
+          pkgs = buildPkgs;
+          inherit (nixos) config;
+        };
+
+      mkCloudImage =
+        {
+          # The system the image runs on: "x86_64-linux" or "aarch64-linux".
+          system,
+          # Your own NixOS modules, on top of nixosModules.cloud-image.
+          modules ? [ ],
+          # Set to the build machine's system to cross-compile the whole system (`crossSystem`)
+          # instead of taking the target's packages from the binary cache and emulating the rest.
+          crossFrom ? null,
+          specialArgs ? { },
+        }:
+        let
+          nixos = lib.nixosSystem {
+            inherit specialArgs;
+            modules = [
+              self.nixosModules.cloud-image
+              { nixpkgs.hostPlatform = system; }
+              (lib.optionalAttrs (crossFrom != null) { nixpkgs.buildPlatform = crossFrom; })
+            ] ++ modules;
+          };
+        in
+        nixos
+        // {
+          # Assembled by a derivation of the system's own build platform: the target under
+          # emulation (nixqimg's binfmt) for a native config, the build machine for a cross one.
+          # Works from any machine that can build the target's derivations.
+          qcow = nixos.config.system.build.qcow;
+          # Assembled natively by `buildSystem`'s nixqimg: what `packages.<build>.qcow-<target>` is.
+          qcowOn = buildSystem: imageOn (pkgsFor buildSystem) nixos;
+        };
+    in
+    {
+      lib = {
+        inherit mkCloudImage;
+      };
+
+      nixosModules = {
+        cloud-image = ./nixos-module/cloud-image.nix;
+        binfmt = ./nixos-module/binfmt.nix;
+        default = {
+          imports = [
+            ./nixos-module/binfmt.nix
+            ./nixos-module/cloud-image.nix
+          ];
+        };
+      };
+
+      overlays.default = final: prev: {
+        nixqimg = final.callPackage ./nixos-module/package.nix { };
+      };
+
+      # The example images: the stock cloud image, with nothing of yours in it.
+      # `nix build .#nixosConfigurations.aarch64-linux.qcow` works from either kind of machine.
+      nixosConfigurations = forAllSystems (system: mkCloudImage { inherit system; });
+
+      packages = forAllSystems (
+        build:
+        let
+          pkgs = pkgsFor build;
+        in
+        {
+          nixqimg = pkgs.nixqimg;
+          default = pkgs.nixqimg;
+        }
+        // lib.listToAttrs (
+          map (target: {
+            name = "qcow-${target}";
+            value = self.nixosConfigurations.${target}.qcowOn build;
+          }) systems
+        )
+      );
+
+      apps = forAllSystems (system: {
+        default = {
+          type = "app";
+          program = "${self.packages.${system}.nixqimg}/bin/nixqimg";
+        };
+      });
+
+      # Need nixpkgs and a machine that can run NixOS tests (KVM makes them minutes, not hours):
+      # `nix flake check` or `nix build .#checks.x86_64-linux.qcow-boot`.
+      checks = forAllSystems (
+        system:
+        let
+          pkgs = pkgsFor system;
+        in
+        {
+          qcow-boot = import ./nixos-module/tests/qcow-boot.nix {
+            inherit pkgs;
+            image = self.packages.${system}."qcow-${system}";
+          };
+          binfmt = import ./nixos-module/tests/binfmt.nix {
+            inherit pkgs;
+            binfmtModule = self.nixosModules.binfmt;
+          };
+        }
+      );
+
+      formatter = forAllSystems (system: nixpkgs.legacyPackages.${system}.nixfmt-rfc-style);
+    };
+}
