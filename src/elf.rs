@@ -190,9 +190,26 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
         highest_load: None,
     };
     let mut dynamic = None;
+    let file_size = file.metadata().map_err(ElfError::Io)?.len();
     for ph in &phdrs {
         match ph.p_type {
             PT_LOAD => {
+                // What the kernel and ld.so would refuse, refused here with a clear word (a bad
+                // segment handed on can make qemu or ld.so spin instead of failing).
+                if ph.p_filesz > ph.p_memsz {
+                    return Err(ElfError::Malformed("a PT_LOAD segment's file size exceeds its memory size"));
+                }
+                if ph.p_vaddr.checked_add(ph.p_memsz).is_none() {
+                    return Err(ElfError::Malformed("a PT_LOAD segment wraps around the address space"));
+                }
+                if ph.p_offset.checked_add(ph.p_filesz).is_none_or(|end| end > file_size) {
+                    return Err(ElfError::Truncated("a loaded segment"));
+                }
+                if ph.p_align > 1
+                    && (!ph.p_align.is_power_of_two() || ph.p_vaddr % ph.p_align != ph.p_offset % ph.p_align)
+                {
+                    return Err(ElfError::Malformed("a PT_LOAD segment's address and offset are not aligned alike"));
+                }
                 let lo = ph.p_vaddr & !0xfff;
                 let hi = ph.p_vaddr.saturating_add(ph.p_memsz);
                 facts.lowest_load = Some(facts.lowest_load.map_or(lo, |l| l.min(lo)));
