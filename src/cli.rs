@@ -27,11 +27,11 @@ enum Cmd {
     /// Run a foreign program the way the binfmt interpreter would (for debugging).
     Exec(ExecArgs),
     /// Register nixqimg in binfmt_misc for foreign systems.
-    Register(crate::binfmt::Args),
+    Register(crate::binfmt::RegisterArgs),
     /// Remove nixqimg's binfmt_misc entries.
-    Unregister(crate::binfmt::Args),
+    Unregister(crate::binfmt::UnregisterArgs),
     /// Show every binfmt_misc registration and what serves each system.
-    Status(crate::binfmt::Args),
+    Status(crate::binfmt::StatusArgs),
     /// Run a command in a private user+mount namespace with its own binfmt_misc holding nixqimg.
     Ns(crate::binfmt::Args),
     /// Explain why foreign programs or builds fail here, and name the fix.
@@ -81,9 +81,9 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     let _log = logging::init(std::env::var("NIXQIMG_LOG").ok().as_deref(), None);
     let res = match cli.cmd {
         Cmd::Exec(a) => exec_cmd(a),
-        Cmd::Register(a) => crate::binfmt::run(a),
-        Cmd::Unregister(a) => crate::binfmt::run(a),
-        Cmd::Status(a) => crate::binfmt::run(a),
+        Cmd::Register(a) => crate::binfmt::run_register(a),
+        Cmd::Unregister(a) => crate::binfmt::run_unregister(a),
+        Cmd::Status(a) => crate::binfmt::run_status(a),
         Cmd::Ns(a) => crate::binfmt::run(a),
         Cmd::Doctor(a) => crate::doctor::run(a),
         Cmd::NixConfig(a) => crate::nix::run(a),
