@@ -33,13 +33,13 @@ enum Cmd {
     /// Show every binfmt_misc registration and what serves each system.
     Status(crate::binfmt::StatusArgs),
     /// Run a command in a private user+mount namespace with its own binfmt_misc holding nixqimg.
-    Ns(crate::binfmt::Args),
+    Ns(crate::ns::Args),
     /// Explain why foreign programs or builds fail here, and name the fix.
     Doctor(crate::doctor::Args),
     /// Print the Nix settings (extra-platforms, extra-sandbox-paths) nixqimg needs.
-    NixConfig(crate::nix::Args),
+    NixConfig(crate::nix::NixConfigArgs),
     /// Build a NixOS image with Nix, for one or more systems.
-    Build(crate::nix::Args),
+    Build(crate::nix::BuildArgs),
     /// Assemble a bootable disk image from a NixOS system closure, without a VM.
     Image(crate::image::Args),
     /// Make a NoCloud seed volume for cloud-init.
@@ -84,10 +84,10 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Cmd::Register(a) => crate::binfmt::run_register(a),
         Cmd::Unregister(a) => crate::binfmt::run_unregister(a),
         Cmd::Status(a) => crate::binfmt::run_status(a),
-        Cmd::Ns(a) => crate::binfmt::run(a),
+        Cmd::Ns(a) => crate::ns::run(a),
         Cmd::Doctor(a) => crate::doctor::run(a),
-        Cmd::NixConfig(a) => crate::nix::run(a),
-        Cmd::Build(a) => crate::nix::run(a),
+        Cmd::NixConfig(a) => crate::nix::run_nix_config(a),
+        Cmd::Build(a) => crate::nix::run_build(a),
         Cmd::Image(a) => crate::image::run(a),
         Cmd::Seed(a) => crate::seed::run(a),
         Cmd::Run(a) => crate::qemu::run(a),

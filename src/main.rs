@@ -14,6 +14,7 @@ mod image;
 mod interp;
 mod logging;
 mod nix;
+mod ns;
 mod plan;
 mod qemu;
 mod seed;
