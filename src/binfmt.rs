@@ -68,14 +68,6 @@ pub fn registration_line(arch: &Arch, name: &str, interpreter: &Path, flags: &st
     Ok(format!(":{name}:M::{}:{}:{interp}:{flags}", Arch::escaped(arch.magic), Arch::escaped(arch.mask)))
 }
 
-/// Placeholder for `ns` until its own module takes the variant over.
-#[derive(Debug, clap::Args)]
-pub struct Args {}
-
-pub fn run(_args: Args) -> Result<()> {
-    Err(Error::new("ns: not implemented yet"))
-}
-
 #[derive(Debug, clap::Args)]
 pub struct RegisterArgs {
     /// Systems to serve: aarch64-linux, aarch64, arm64, armv7l-linux, riscv64-linux, ...

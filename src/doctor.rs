@@ -1,10 +1,963 @@
-//! `doctor`: not built yet (owned by its issue).
+//! `nixqimg doctor`: why foreign programs or builds fail here, and the fix for each problem in one line.
+//!
+//! Facts are gathered at the edges (procfs, the binaries' headers, `nix show-config`, `qemu --version`,
+//! and with `--try` the programs themselves); [`findings`] turns them into problems without touching
+//! anything, and the report is rendered for people or as JSON (README.md documents it; fields are only
+//! ever added). The plan shown is the interpreter's own ([`crate::plan::plan`]) for the page size asked.
 
-use crate::error::{Error, Result};
+use crate::arch::{self, Arch};
+use crate::binfmt::{self, entries, native, status};
+use crate::config::{self, ProcessEnv};
+use crate::elf::{self, ElfFacts};
+use crate::error::{code, Error, Result};
+use crate::exec::{self, RealProbe};
+use crate::plan::{self, Mode, Request, Strategy};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Foreign programs to examine.
+    pub binaries: Vec<PathBuf>,
+    /// Run each program directly and loader-first under qemu and report what each printed.
+    #[arg(long = "try")]
+    pub try_run: bool,
+    /// Machine-readable output (documented in README.md).
+    #[arg(long)]
+    pub json: bool,
+    /// Predict for a host with this page size (e.g. 16384 or 65536) instead of this one's.
+    #[arg(long, value_name = "BYTES", value_parser = parse_page_size)]
+    pub page_size: Option<u64>,
+    /// Seconds each --try run may take.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub timeout: u64,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    Err(Error::new("doctor: not implemented yet"))
+fn parse_page_size(s: &str) -> std::result::Result<u64, String> {
+    let n: u64 = s.parse().map_err(|_| format!("'{s}' is not a number of bytes"))?;
+    if n.is_power_of_two() && (1024..=1 << 30).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not a page size (a power of two such as 4096, 16384, 65536)"))
+    }
+}
+
+/// Page sizes Linux hosts use: always reported, so one run answers "and on 16K? on 64K?".
+pub const PAGE_SIZES: [u64; 3] = [4096, 16384, 65536];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub host: Host,
+    pub binaries: Vec<Binary>,
+    pub findings: Vec<Finding>,
+    /// Number of findings with severity "problem"; doctor exits 1 when it is not 0.
+    pub problems: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Host {
+    pub kernel: String,
+    pub arch: &'static str,
+    /// This host's page size.
+    pub page_size: u64,
+    /// The page size the predictions below use (`--page-size`, else `page_size`).
+    pub assumed_page_size: u64,
+    pub mmap_min_addr: Option<u64>,
+    pub binfmt_misc: status::Mount,
+    pub native: Vec<NativeFact>,
+    pub systems: Vec<SystemFact>,
+    pub nix: Option<NixFact>,
+    pub in_container: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NativeFact {
+    pub system: &'static str,
+    pub how: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SystemFact {
+    pub system: &'static str,
+    pub served_by: Option<String>,
+    pub served_by_nixqimg: bool,
+    pub flags: Option<String>,
+    pub interpreter: Option<String>,
+    pub interpreter_exists: bool,
+    pub shadowed: Vec<String>,
+    /// The qemu-user nixqimg would exec for this system, if any.
+    pub qemu: Option<String>,
+    pub qemu_static: Option<bool>,
+    pub qemu_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NixFact {
+    pub version: String,
+    pub system: String,
+    pub sandbox: String,
+    pub extra_platforms: Vec<String>,
+    pub sandbox_paths: Vec<String>,
+    pub daemon: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Binary {
+    pub path: String,
+    /// Why the file could not be examined; the other fields are then empty.
+    pub error: Option<String>,
+    pub arch: Option<&'static str>,
+    pub system: Option<&'static str>,
+    /// "ET_EXEC" (fixed address) or "ET_DYN".
+    pub elf_type: Option<&'static str>,
+    pub is_static: Option<bool>,
+    pub interp: Option<String>,
+    pub interp_exists: Option<bool>,
+    pub runpath: Option<String>,
+    /// "RUNPATH" or "RPATH".
+    pub runpath_kind: Option<&'static str>,
+    pub needed: Vec<String>,
+    /// Lowest PT_LOAD address (rounded down to 4 KiB, as qemu reserves it), hex.
+    pub lowest_load: Option<String>,
+    pub guest_base: Option<GuestBase>,
+    pub native: bool,
+    /// The binfmt_misc entry the kernel would hand this file to.
+    pub binfmt_entry: Option<String>,
+    pub plan: Option<PlanFact>,
+    pub tries: Vec<Try>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestBase {
+    pub page_size: u64,
+    /// Run directly under qemu, this fixed-address image cannot be placed (the "Unable to find a
+    /// guest_base" failure).
+    pub risk: bool,
+    /// The lowest load address is a multiple of the page size.
+    pub aligned: bool,
+    /// The same verdict for 4096, 16384 and 65536-byte pages.
+    pub by_page_size: BTreeMap<String, bool>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanFact {
+    /// "direct" or "loader-first".
+    pub mode: Option<&'static str>,
+    pub argv: Vec<String>,
+    pub why: Vec<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Try {
+    /// "direct" or "loader-first".
+    pub strategy: &'static str,
+    pub argv: Vec<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Finding {
+    /// "problem" (something fails), "warning" (may fail), or "info".
+    pub severity: &'static str,
+    /// "host", a Nix system, or a binary's path.
+    pub subject: String,
+    pub what: String,
+    /// One line: a command, a nix.conf setting or a NixOS option. Null for info.
+    pub fix: Option<String>,
+}
+
+fn finding(severity: &'static str, subject: impl Into<String>, what: String, fix: Option<String>) -> Finding {
+    Finding { severity, subject: subject.into(), what, fix }
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The guest_base verdict for an image at every page size of interest.
+pub fn guest_base(facts: &ElfFacts, page_size: u64) -> Option<GuestBase> {
+    let lo = facts.lowest_load.filter(|_| facts.is_fixed_address())?;
+    let by_page_size = PAGE_SIZES.iter().map(|p| (p.to_string(), plan::guest_base_risk(facts, *p))).collect();
+    Some(GuestBase {
+        page_size,
+        risk: plan::guest_base_risk(facts, page_size),
+        aligned: lo % page_size == 0,
+        by_page_size,
+    })
+}
+
+fn shown_argv(argv: &[OsString]) -> Vec<String> {
+    argv.iter().map(|a| a.to_string_lossy().into_owned()).collect()
+}
+
+/// Builds the interpreter's request for `path` as binfmt_misc would start it (argv0 = path, no args)
+/// and plans it with `strategy` for `page_size`.
+fn plan_for(path: &Path, facts: &ElfFacts, strategy: Strategy, page_size: u64) -> Result<plan::Plan> {
+    let self_exe = std::fs::read_link("/proc/self/exe").ok();
+    let mut cfg = config::load(self_exe.as_deref(), &ProcessEnv, false);
+    if strategy != Strategy::Auto {
+        cfg.strategy = strategy;
+    }
+    let qemu = crate::interp::find_qemu(&cfg, facts.arch, &RealProbe).ok_or_else(|| {
+        Error::new(format!("no qemu-{} found", facts.arch.qemu))
+            .hint("install qemu-user-static or set NIXQIMG_QEMU_DIR")
+    })?;
+    cfg.sysroots.push(Path::new("/usr").join(facts.arch.gnu_triplet));
+    let req = Request {
+        program: path.as_os_str(),
+        path: path.as_os_str(),
+        argv0: path.as_os_str(),
+        args: &[],
+        env: crate::interp::environ(),
+        facts,
+        qemu,
+        strategy: cfg.strategy,
+        sysroots: &cfg.sysroots,
+        page_size,
+        secure: false,
+    };
+    plan::plan(&req, &RealProbe).map_err(|e| Error::new(e.to_string()))
+}
+
+/// Output of a child, bounded: a program that prints forever must not fill memory.
+const MAX_OUTPUT: u64 = 16 * 1024;
+
+/// Runs `argv` with `env`, in its own process group, killed after `timeout`.
+fn run_bounded(exe: &Path, argv: &[OsString], env: &[OsString], timeout: Duration) -> Try {
+    use std::os::unix::process::CommandExt;
+    let mut t = Try {
+        strategy: "",
+        argv: shown_argv(argv),
+        exit_code: None,
+        signal: None,
+        timed_out: false,
+        stdout: String::new(),
+        stderr: String::new(),
+        error: None,
+    };
+    let mut cmd = Command::new(exe);
+    cmd.arg0(argv.first().cloned().unwrap_or_default())
+        .args(argv.iter().skip(1))
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for kv in env {
+        let b = kv.as_bytes();
+        if let Some(eq) = b.iter().position(|&c| c == b'=') {
+            cmd.env(std::ffi::OsStr::from_bytes(&b[..eq]), std::ffi::OsStr::from_bytes(&b[eq + 1..]));
+        }
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            t.error = Some(format!("cannot run {}: {e}", exe.display()));
+            return t;
+        }
+    };
+    let pid = child.id() as i32;
+    let reader = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(r) = r {
+                let _ = r.take(MAX_OUTPUT).read_to_end(&mut buf);
+            }
+            lossy(&buf)
+        })
+    };
+    let out = reader(child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
+    let err = reader(child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                t.timed_out = true;
+                break None;
+            }
+        }
+    };
+    // The whole group: whatever the program started must not outlive the try, nor hold our pipes.
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    let status = status.or_else(|| child.wait().ok());
+    if let Some(st) = status {
+        use std::os::unix::process::ExitStatusExt;
+        t.exit_code = st.code();
+        t.signal = st.signal();
+    }
+    t.stdout = out.join().unwrap_or_default();
+    t.stderr = err.join().unwrap_or_default();
+    t
+}
+
+fn examine(path: &Path, page_size: u64, inst: &entries::Instance, natives: &[native::Native], a: &Args) -> Binary {
+    let mut b = Binary {
+        path: path.display().to_string(),
+        error: None,
+        arch: None,
+        system: None,
+        elf_type: None,
+        is_static: None,
+        interp: None,
+        interp_exists: None,
+        runpath: None,
+        runpath_kind: None,
+        needed: Vec::new(),
+        lowest_load: None,
+        guest_base: None,
+        native: false,
+        binfmt_entry: None,
+        plan: None,
+        tries: Vec::new(),
+    };
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            b.error = Some(format!("cannot open: {e}"));
+            return b;
+        }
+    };
+    let mut head = [0u8; 128];
+    let n = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0).unwrap_or(0);
+    let head = &head[..n];
+    if inst.enabled {
+        b.binfmt_entry = inst.entries.iter().find(|e| e.enabled && e.matches(head)).map(|e| e.name.clone());
+    }
+    let facts = match elf::read(&file) {
+        Ok(f) => f,
+        Err(e) => {
+            b.error = Some(e.to_string());
+            return b;
+        }
+    };
+    b.arch = Some(facts.arch.name);
+    b.system = Some(facts.arch.nix_system);
+    b.elf_type = Some(if facts.is_fixed_address() { "ET_EXEC" } else { "ET_DYN" });
+    b.is_static = Some(facts.is_static());
+    b.interp = facts.interp.as_deref().map(lossy);
+    b.interp_exists = facts.interp.as_deref().map(|i| Path::new(std::ffi::OsStr::from_bytes(i)).is_file());
+    b.runpath = facts.runpath.as_deref().map(lossy);
+    b.runpath_kind = facts.runpath.as_ref().map(|_| if facts.runpath_is_rpath { "RPATH" } else { "RUNPATH" });
+    b.needed = facts.needed.iter().map(|n| lossy(n)).collect();
+    b.lowest_load = facts.lowest_load.map(|l| format!("{l:#x}"));
+    b.guest_base = guest_base(&facts, page_size);
+    b.native = native::is_native(natives, facts.arch) && facts.arch.matches(head);
+    if b.native {
+        return b;
+    }
+    b.plan = Some(match plan_for(path, &facts, Strategy::Auto, page_size) {
+        Ok(p) => PlanFact {
+            mode: Some(match p.mode {
+                Mode::Direct => "direct",
+                Mode::LoaderFirst { .. } => "loader-first",
+            }),
+            argv: shown_argv(&p.argv),
+            why: p.why,
+            error: None,
+        },
+        Err(e) => PlanFact { mode: None, argv: Vec::new(), why: Vec::new(), error: Some(e.to_string()) },
+    });
+    if a.try_run {
+        for (name, s) in [("direct", Strategy::Direct), ("loader-first", Strategy::LoaderFirst)] {
+            // A static program is never handed to ld.so (it spins forever under qemu 7.2).
+            if s == Strategy::LoaderFirst && facts.is_static() {
+                continue;
+            }
+            let mut t = match plan_for(path, &facts, s, exec::page_size()) {
+                Ok(p) => run_bounded(&p.exe, &p.argv, &p.env, Duration::from_secs(a.timeout)),
+                Err(e) => Try {
+                    strategy: name,
+                    argv: Vec::new(),
+                    exit_code: None,
+                    signal: None,
+                    timed_out: false,
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    error: Some(e.to_string()),
+                },
+            };
+            t.strategy = name;
+            b.tries.push(t);
+        }
+    }
+    b
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_string()
+}
+
+fn qemu_version(q: &Path) -> Option<String> {
+    let t = run_bounded(q, &[q.as_os_str().to_owned(), "--version".into()], &[], Duration::from_secs(5));
+    (t.exit_code == Some(0)).then(|| first_line(&t.stdout))
+}
+
+fn read_u64(p: &str) -> Option<u64> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+fn in_container() -> bool {
+    Path::new("/.dockerenv").exists() || Path::new("/run/.containerenv").exists()
+}
+
+fn host_facts(page_size: u64, inst: &entries::Instance, natives: &[native::Native]) -> Host {
+    let st = status::build(Path::new(entries::DIR), inst, natives, &|p| Path::new(p).exists());
+    let self_exe = std::fs::read_link("/proc/self/exe").ok();
+    let cfg = config::load(self_exe.as_deref(), &ProcessEnv, false);
+    let systems = st
+        .systems
+        .iter()
+        .filter(|s| !s.native)
+        .map(|s| {
+            let a = arch::by_name(s.system).unwrap_or(arch::host());
+            let q = crate::interp::find_qemu(&cfg, a, &RealProbe);
+            let qemu_static = q
+                .as_ref()
+                .and_then(|q| std::fs::File::open(q).ok())
+                .and_then(|f| elf::read(&f).ok())
+                .map(|f| f.is_static());
+            SystemFact {
+                system: s.system,
+                served_by: s.served_by.clone(),
+                served_by_nixqimg: s.served_by_nixqimg,
+                flags: s.flags.clone(),
+                interpreter: s.interpreter.clone(),
+                interpreter_exists: s.interpreter.as_deref().is_some_and(|i| Path::new(i).exists()),
+                shadowed: s.shadowed.clone(),
+                qemu_version: q.as_deref().and_then(qemu_version),
+                qemu: q.map(|q| q.display().to_string()),
+                qemu_static,
+            }
+        })
+        .collect();
+    let nix = crate::nix::facts().map(|f| NixFact {
+        version: f.version,
+        system: f.system,
+        sandbox: f.sandbox,
+        extra_platforms: f.extra_platforms,
+        sandbox_paths: f.sandbox_paths,
+        daemon: f.daemon,
+    });
+    Host {
+        kernel: nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),
+        arch: arch::host().name,
+        page_size: exec::page_size(),
+        assumed_page_size: page_size,
+        mmap_min_addr: read_u64("/proc/sys/vm/mmap_min_addr"),
+        binfmt_misc: st.binfmt_misc,
+        native: natives.iter().map(|n| NativeFact { system: n.arch.nix_system, how: n.how }).collect(),
+        systems,
+        nix,
+        in_container: in_container(),
+    }
+}
+
+/// Every problem the facts show, each with its fix. Pure.
+pub fn findings(h: &Host, bins: &[Binary]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let m = &h.binfmt_misc;
+    // Systems that matter: those of the binaries given, else every system something serves.
+    let wanted: Vec<&str> = if bins.is_empty() {
+        h.systems.iter().filter(|s| s.served_by.is_some()).map(|s| s.system).collect()
+    } else {
+        let mut v: Vec<&str> = bins.iter().filter(|b| !b.native).filter_map(|b| b.system).collect();
+        v.dedup();
+        v
+    };
+    if !m.mounted {
+        out.push(finding(
+            "problem",
+            "host",
+            format!("binfmt_misc is not mounted at {}: the kernel cannot hand foreign programs to anyone", m.path),
+            Some("nixqimg register --mount --all".into()),
+        ));
+    } else if !m.enabled {
+        out.push(finding(
+            "problem",
+            "host",
+            "binfmt_misc is disabled as a whole".into(),
+            Some(format!("echo 1 > {}/status", m.path)),
+        ));
+    } else if bins.is_empty() && wanted.is_empty() {
+        out.push(finding(
+            "problem",
+            "host",
+            "no foreign system is served: every foreign program fails with 'Exec format error'".into(),
+            Some("nixqimg register --all (NixOS: nixqimg.binfmt.enable = true)".into()),
+        ));
+    }
+    for s in h.systems.iter().filter(|s| wanted.contains(&s.system)) {
+        match &s.served_by {
+            None if m.mounted && m.enabled => out.push(finding(
+                "problem",
+                s.system,
+                format!("no binfmt_misc entry serves {}: its programs fail with 'Exec format error'", s.system),
+                Some(format!("nixqimg register {}", s.system)),
+            )),
+            None => {}
+            Some(by) => {
+                let flags = s.flags.as_deref().unwrap_or("");
+                if !s.interpreter_exists && !flags.contains('F') {
+                    out.push(finding(
+                        "problem",
+                        s.system,
+                        format!(
+                            "{by} names {} which does not exist (and without F it is looked up at each exec)",
+                            s.interpreter.as_deref().unwrap_or("?")
+                        ),
+                        Some(format!("nixqimg register --replace {}", s.system)),
+                    ));
+                }
+                if !s.served_by_nixqimg {
+                    out.push(finding(
+                        "warning",
+                        s.system,
+                        format!(
+                            "{by} (not nixqimg) serves {}: no loader-first fallback, so bootstrap-tools programs fail on 16K/64K-page hosts and where their loader is missing",
+                            s.system
+                        ),
+                        Some(format!("nixqimg register --replace {}", s.system)),
+                    ));
+                }
+                if !s.shadowed.is_empty() {
+                    out.push(finding(
+                        "info",
+                        s.system,
+                        format!(
+                            "{} also match {}, but the kernel uses the newest entry, {by}",
+                            s.shadowed.join(", "),
+                            s.system
+                        ),
+                        None,
+                    ));
+                }
+                if s.served_by_nixqimg && s.qemu.is_none() {
+                    out.push(finding(
+                        "problem",
+                        s.system,
+                        format!("no qemu-user for {} where nixqimg looks", s.system),
+                        Some("install qemu-user-static (or set qemu_dir in nixqimg.conf beside nixqimg)".into()),
+                    ));
+                }
+                if h.in_container && !flags.contains('F') {
+                    out.push(finding(
+                        "warning",
+                        s.system,
+                        "inside a container the interpreter is looked up in the container, where it is usually absent"
+                            .into(),
+                        Some(format!("on the host: nixqimg register --direct --replace {}", s.system)),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(n) = &h.nix {
+        let interp = h.systems.iter().filter(|s| wanted.contains(&s.system));
+        let mut needs_files: Vec<PathBuf> = Vec::new();
+        let mut platforms: Vec<&'static Arch> = Vec::new();
+        for s in interp {
+            if let Some(a) = arch::by_name(s.system) {
+                platforms.push(a);
+            }
+            if let (Some(i), Some(f)) = (&s.interpreter, &s.flags) {
+                if !f.contains('F') {
+                    needs_files.push(PathBuf::from(i));
+                }
+            }
+            if s.served_by_nixqimg {
+                if let Some(q) = &s.qemu {
+                    needs_files.push(PathBuf::from(q));
+                    if s.qemu_static == Some(false) {
+                        out.push(finding(
+                            "problem",
+                            s.system,
+                            format!("{q} is dynamically linked: inside the Nix sandbox its libraries are not visible"),
+                            Some("install a static qemu-user (Debian: qemu-user-static)".into()),
+                        ));
+                    }
+                }
+            }
+        }
+        let facts = crate::nix::NixFacts {
+            version: n.version.clone(),
+            system: n.system.clone(),
+            sandbox: n.sandbox.clone(),
+            extra_platforms: n.extra_platforms.clone(),
+            sandbox_paths: n.sandbox_paths.clone(),
+            store: String::new(),
+            daemon: n.daemon,
+        };
+        let needs = crate::nix::needs(&platforms, &needs_files);
+        for p in crate::nix::problems(&facts, &needs) {
+            out.push(finding("problem", "nix", p.what, Some(p.fix)));
+        }
+    }
+    if h.in_container {
+        out.push(finding(
+            "info",
+            "host",
+            "running inside a container: binfmt_misc is the host's; register there".into(),
+            Some("on the host: nixqimg register --direct SYSTEM (registers a static qemu with F, visible to every container)".into()),
+        ));
+    }
+    for b in bins {
+        if let Some(e) = &b.error {
+            out.push(finding("problem", &b.path, e.clone(), None));
+            continue;
+        }
+        if b.native {
+            out.push(finding("info", &b.path, "runs natively on this host: no qemu involved".into(), None));
+            continue;
+        }
+        if let (Some(g), Some(lo)) = (&b.guest_base, &b.lowest_load) {
+            let on = format!("{}-byte pages", g.page_size);
+            let direct_by_nixqimg = b.plan.as_ref().and_then(|p| p.mode) == Some("direct");
+            if g.risk && b.is_static == Some(true) {
+                out.push(finding(
+                    "problem",
+                    &b.path,
+                    format!("static ET_EXEC with its lowest load at {lo}, not a multiple of {on}: qemu cannot place it (guest_base failure), and no loader can help"),
+                    Some(format!("relink it with -Wl,-z,max-page-size={0},-z,common-page-size={0} or build it as PIE", g.page_size)),
+                ));
+            } else if g.risk {
+                let served_by_nixqimg = b.binfmt_entry.as_deref().is_some_and(|e| e.starts_with(binfmt::NAME_PREFIX));
+                out.push(finding(
+                    if served_by_nixqimg && !direct_by_nixqimg { "info" } else { "problem" },
+                    &b.path,
+                    format!("guest_base: lowest load {lo} is not a multiple of {on}: qemu run directly fails with 'Unable to find a guest_base'; run loader-first it works"),
+                    (!served_by_nixqimg).then(|| format!("nixqimg register --replace {}", b.system.unwrap_or("SYSTEM"))),
+                ));
+            } else {
+                out.push(finding("info", &b.path, format!("guest_base: lowest load {lo} can be placed on {on}"), None));
+            }
+        }
+        if let Some(p) = &b.plan {
+            if let Some(e) = &p.error {
+                out.push(finding(
+                    "problem",
+                    &b.path,
+                    format!("nixqimg cannot run it: {e}"),
+                    Some("install its loader, or set sysroot in nixqimg.conf / NIXQIMG_SYSROOT".into()),
+                ));
+            }
+        }
+        if b.interp_exists == Some(false) && b.plan.as_ref().is_some_and(|p| p.error.is_none()) {
+            out.push(finding(
+                "info",
+                &b.path,
+                format!(
+                    "its loader {} is not on this host; nixqimg uses one it found instead",
+                    b.interp.as_deref().unwrap_or("")
+                ),
+                None,
+            ));
+        }
+        for t in &b.tries {
+            let ok = t.exit_code == Some(0);
+            if !ok {
+                let said = first_line(&t.stderr);
+                out.push(finding(
+                    "info",
+                    &b.path,
+                    format!(
+                        "run {}: {}{}",
+                        t.strategy,
+                        if t.timed_out {
+                            "timed out".to_string()
+                        } else if let Some(e) = &t.error {
+                            e.clone()
+                        } else {
+                            format!("exit {:?}", t.exit_code.or(t.signal.map(|s| 128 + s)))
+                        },
+                        if said.is_empty() { String::new() } else { format!(": {said}") }
+                    ),
+                    None,
+                ));
+            }
+        }
+    }
+    out
+}
+
+pub fn collect(a: &Args) -> Report {
+    let page_size = a.page_size.unwrap_or_else(exec::page_size);
+    let inst = entries::read(Path::new(entries::DIR));
+    let natives = native::detect();
+    let host = host_facts(page_size, &inst, &natives);
+    let binaries: Vec<Binary> = a.binaries.iter().map(|p| examine(p, page_size, &inst, &natives, a)).collect();
+    let findings = findings(&host, &binaries);
+    let problems = findings.iter().filter(|f| f.severity == "problem").count();
+    Report { host, binaries, findings, problems }
+}
+
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let h = &r.host;
+    let _ = writeln!(o, "host: {} kernel {}, page size {}", h.arch, h.kernel, h.page_size);
+    if h.assumed_page_size != h.page_size {
+        let _ = writeln!(o, "predicting for page size {} (--page-size)", h.assumed_page_size);
+    }
+    if let Some(m) = h.mmap_min_addr {
+        let _ = writeln!(o, "vm.mmap_min_addr: {m:#x}");
+    }
+    let _ = writeln!(
+        o,
+        "binfmt_misc: {}",
+        match (h.binfmt_misc.mounted, h.binfmt_misc.enabled) {
+            (false, _) => "not mounted",
+            (true, false) => "mounted, disabled",
+            (true, true) => "mounted, enabled",
+        }
+    );
+    let natives: Vec<String> = h.native.iter().map(|n| format!("{} ({})", n.system, n.how)).collect();
+    let _ = writeln!(o, "native: {}", natives.join(", "));
+    for s in h.systems.iter().filter(|s| s.served_by.is_some()) {
+        let _ = writeln!(
+            o,
+            "{}: {} [{}] -> {}{}; qemu {}",
+            s.system,
+            s.served_by.as_deref().unwrap_or("-"),
+            s.flags.as_deref().unwrap_or(""),
+            s.interpreter.as_deref().unwrap_or("-"),
+            if s.interpreter_exists { "" } else { " (missing)" },
+            match (&s.qemu, &s.qemu_version) {
+                (Some(q), Some(v)) => format!("{q} ({v})"),
+                (Some(q), None) => q.clone(),
+                (None, _) => "not found".into(),
+            }
+        );
+    }
+    match &h.nix {
+        Some(n) => {
+            let _ = writeln!(
+                o,
+                "nix {}: system {}, sandbox {}, extra-platforms [{}], sandbox-paths [{}]",
+                n.version,
+                n.system,
+                n.sandbox,
+                n.extra_platforms.join(" "),
+                n.sandbox_paths.join(" ")
+            );
+        }
+        None => {
+            let _ = writeln!(o, "nix: not found");
+        }
+    }
+    for b in &r.binaries {
+        let _ = writeln!(o, "\n{}:", b.path);
+        if let Some(e) = &b.error {
+            let _ = writeln!(o, "  error: {e}");
+            continue;
+        }
+        let _ = writeln!(
+            o,
+            "  {} {}, {}",
+            b.system.unwrap_or("?"),
+            b.elf_type.unwrap_or("?"),
+            match (&b.interp, b.interp_exists) {
+                (Some(i), Some(true)) => format!("loader {i}"),
+                (Some(i), _) => format!("loader {i} (not on this host)"),
+                (None, _) => "static".into(),
+            }
+        );
+        if let Some(rp) = &b.runpath {
+            let _ = writeln!(o, "  {}: {rp}", b.runpath_kind.unwrap_or("RUNPATH"));
+        }
+        if !b.needed.is_empty() {
+            let _ = writeln!(o, "  needs: {}", b.needed.join(" "));
+        }
+        if let Some(lo) = &b.lowest_load {
+            let _ = writeln!(o, "  lowest load: {lo}");
+        }
+        if let Some(g) = &b.guest_base {
+            let per: Vec<String> =
+                g.by_page_size.iter().map(|(p, r)| format!("{p}: {}", if *r { "fails" } else { "ok" })).collect();
+            let _ = writeln!(
+                o,
+                "  guest_base run directly: {} on {}-byte pages ({})",
+                if g.risk { "FAILS" } else { "ok" },
+                g.page_size,
+                per.join(", ")
+            );
+        }
+        if b.native {
+            let _ = writeln!(o, "  native: runs without qemu");
+        }
+        let _ = writeln!(o, "  binfmt entry: {}", b.binfmt_entry.as_deref().unwrap_or("none"));
+        if let Some(p) = &b.plan {
+            match (&p.error, p.mode) {
+                (Some(e), _) => {
+                    let _ = writeln!(o, "  plan: cannot run: {e}");
+                }
+                (None, Some(m)) => {
+                    let _ = writeln!(o, "  plan: {m}: {}", p.argv.join(" "));
+                    for w in &p.why {
+                        let _ = writeln!(o, "    # {w}");
+                    }
+                }
+                _ => {}
+            }
+        }
+        for t in &b.tries {
+            let _ = writeln!(
+                o,
+                "  try {}: {}",
+                t.strategy,
+                if t.timed_out {
+                    "timed out".to_string()
+                } else if let Some(e) = &t.error {
+                    e.clone()
+                } else {
+                    format!("exit {}", t.exit_code.map_or_else(|| format!("signal {:?}", t.signal), |c| c.to_string()))
+                }
+            );
+            for (tag, text) in [("stdout", &t.stdout), ("stderr", &t.stderr)] {
+                for l in text.lines().take(10) {
+                    let _ = writeln!(o, "    {tag}: {l}");
+                }
+            }
+        }
+    }
+    let _ = writeln!(o);
+    if r.findings.iter().all(|f| f.severity == "info") {
+        let _ = writeln!(o, "no problems found");
+    }
+    for f in &r.findings {
+        let _ = write!(o, "{}: {}: {}", f.severity, f.subject, f.what);
+        if let Some(fix) = &f.fix {
+            let _ = write!(o, "\n  fix: {fix}");
+        }
+        let _ = writeln!(o);
+    }
+    o
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let r = collect(&a);
+    let text = if a.json {
+        let mut s =
+            serde_json::to_string_pretty(&r).map_err(|e| Error::new(format!("cannot encode the report: {e}")))?;
+        s.push('\n');
+        s
+    } else {
+        render(&r)
+    };
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    if r.problems > 0 {
+        return Err(Error::new(format!("{} problem(s) found", r.problems))
+            .hint("each has its fix above")
+            .code(code::FAILURE));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(e_type: u16, lowest: u64, interp: Option<&str>) -> ElfFacts {
+        ElfFacts {
+            arch: arch::by_name("x86_64").unwrap(),
+            e_type,
+            interp: interp.map(|s| s.as_bytes().to_vec()),
+            runpath: None,
+            runpath_is_rpath: false,
+            needed: vec![],
+            lowest_load: Some(lowest),
+            highest_load: Some(lowest + 0x1000),
+        }
+    }
+
+    #[test]
+    fn guest_base_verdicts_per_page_size() {
+        // The bootstrap-tools case: patchelf put a page below 0x400000.
+        let g = guest_base(&facts(2, 0x3ff000, Some("/x/ld")), 16384).unwrap();
+        assert!(g.risk && !g.aligned);
+        assert_eq!(g.by_page_size["4096"], false);
+        assert_eq!(g.by_page_size["16384"], true);
+        assert_eq!(g.by_page_size["65536"], true);
+        // `patchelf --page-size 16384`: safe on 16K, not on 64K.
+        let g = guest_base(&facts(2, 0x3fc000, None), 16384).unwrap();
+        assert!(!g.risk);
+        assert_eq!(g.by_page_size["65536"], true);
+        let g = guest_base(&facts(2, 0x400000, None), 65536).unwrap();
+        assert!(!g.risk && g.aligned);
+        // PIE has no fixed address to reserve.
+        assert!(guest_base(&facts(3, 0, None), 65536).is_none());
+    }
+
+    #[test]
+    fn page_size_option_wants_a_power_of_two() {
+        assert_eq!(parse_page_size("16384"), Ok(16384));
+        assert!(parse_page_size("12000").is_err());
+        assert!(parse_page_size("x").is_err());
+    }
+
+    fn host(mounted: bool, systems: Vec<SystemFact>) -> Host {
+        Host {
+            kernel: "6.18".into(),
+            arch: "x86_64",
+            page_size: 4096,
+            assumed_page_size: 4096,
+            mmap_min_addr: Some(65536),
+            binfmt_misc: status::Mount { path: "/b".into(), mounted, enabled: mounted },
+            native: vec![],
+            systems,
+            nix: None,
+            in_container: false,
+        }
+    }
+
+    fn served(by: &str, flags: &str, exists: bool) -> SystemFact {
+        SystemFact {
+            system: "aarch64-linux",
+            served_by: Some(by.into()),
+            served_by_nixqimg: by.starts_with("nixqimg-"),
+            flags: Some(flags.into()),
+            interpreter: Some("/i".into()),
+            interpreter_exists: exists,
+            shadowed: vec![],
+            qemu: Some("/usr/bin/qemu-aarch64-static".into()),
+            qemu_static: Some(true),
+            qemu_version: None,
+        }
+    }
+
+    #[test]
+    fn every_problem_has_a_fix() {
+        let cases = [
+            host(false, vec![]),
+            host(true, vec![]),
+            host(true, vec![served("qemu-aarch64", "P", false)]),
+            host(true, vec![served("nixqimg-aarch64", "PF", true)]),
+        ];
+        let mut seen = 0;
+        for h in &cases {
+            for f in findings(h, &[]) {
+                if f.severity == "problem" {
+                    seen += 1;
+                    assert!(f.fix.as_deref().is_some_and(|x| !x.is_empty()), "{f:?}");
+                }
+            }
+        }
+        assert!(seen >= 3, "{seen}");
+        assert!(findings(&cases[3], &[]).iter().all(|f| f.severity != "problem"));
+        let f = findings(&cases[2], &[]);
+        assert!(f.iter().any(|f| f.fix.as_deref() == Some("nixqimg register --replace aarch64-linux")), "{f:?}");
+    }
 }
