@@ -1,8 +1,14 @@
 //! nixqimg: a binfmt_misc interpreter that runs foreign programs under qemu-user with the right
 //! loader, argv and environment, and a VM-less builder of bootable NixOS cloud images.
+//!
+//! No Rust runtime start-up (`no_main`): std's would ignore SIGPIPE and install signal stacks, and
+//! an interpreter must hand the foreign program the signal dispositions its caller gave it (qemu
+//! passes an ignored SIGPIPE on to the guest) and start as fast as a C wrapper.
+#![cfg_attr(not(test), no_main)]
 
 mod arch;
 mod binfmt;
+mod bios;
 mod bootloader;
 mod cli;
 mod config;
@@ -20,12 +26,22 @@ mod qemu;
 mod seed;
 mod write;
 
-use std::process::ExitCode;
+use std::ffi::{c_char, c_int, CStr, OsString};
+use std::os::unix::ffi::OsStringExt;
 
-fn main() -> ExitCode {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if interp::started_by_binfmt(args.first().map(|a| a.as_os_str())) {
-        return interp::main(args);
-    }
-    cli::main(args)
+#[cfg(not(test))]
+#[no_mangle]
+extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
+    // SAFETY: the C runtime passes argc valid NUL-terminated strings in argv, alive for the process.
+    let args: Vec<OsString> = (0..argc.max(0) as usize)
+        .map(|i| unsafe { OsString::from_vec(CStr::from_ptr(*argv.add(i)).to_bytes().to_vec()) })
+        .collect();
+    let code = if interp::started_by_binfmt(args.first().map(|a| a.as_os_str())) {
+        interp::main(args)
+    } else {
+        cli::main(args)
+    };
+    // Without std's runtime nothing flushes stdout at exit.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    code as c_int
 }
