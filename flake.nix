@@ -15,6 +15,8 @@
         "aarch64-linux"
       ];
       forAllSystems = lib.genAttrs systems;
+      # The foreign system of a build machine, for the binfmt check.
+      other = system: if system == "x86_64-linux" then "aarch64-linux" else "x86_64-linux";
 
       pkgsFor =
         system:
@@ -126,6 +128,7 @@
           binfmt = import ./nixos-module/tests/binfmt.nix {
             inherit pkgs;
             binfmtModule = self.nixosModules.binfmt;
+            foreignPkgs = nixpkgs.legacyPackages.${other system};
           };
         }
       );

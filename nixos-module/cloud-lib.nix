@@ -1,0 +1,107 @@
+# The decisions of the cloud image that are plain data: which serial console, how big an ESP, which
+# channel, what `nixqimg image` is told. Written with builtins only (no nixpkgs), so that CI, which has
+# Nix but no nixpkgs, evaluates them for real (tests/nix_files.rs) and the module stays a thin caller.
+rec {
+  # The kernel's console for each target: QEMU's (and Hetzner's) x86 machines have a 16550 UART,
+  # its aarch64 `virt` machine a PL011.
+  serialConsole =
+    system:
+    {
+      "x86_64-linux" = "ttyS0";
+      "aarch64-linux" = "ttyAMA0";
+    }
+    .${system} or (throw "nixqimg cloud image: no serial console known for ${system}; set nixqimg.cloudImage.serialConsole");
+
+  # systemd-boot copies each generation's kernel and initrd onto the ESP (deduplicated by store
+  # path). The worst case is every kept generation with its own kernel: nixpkgs' x86_64 bzImage is
+  # ~13 MiB and the aarch64 kernel is an uncompressed `Image` of ~50-65 MiB; a systemd initrd with the
+  # QEMU guest modules is ~15-30 MiB. The reserve holds systemd-boot, the BIOS loader and one generation
+  # being installed while the oldest is not yet removed.
+  perGenerationMiB =
+    system:
+    {
+      "x86_64-linux" = 64;
+      "aarch64-linux" = 112;
+    }
+    .${system} or 128;
+
+  espSizeMiB =
+    { system, configurationLimit }:
+    let
+      raw = 64 + (configurationLimit + 1) * perGenerationMiB system;
+      # A multiple of 64 MiB keeps partitions aligned for any erase block size.
+      rounded = (raw + 63) / 64 * 64;
+    in
+    if !(builtins.isInt configurationLimit) || configurationLimit < 1 then
+      throw "nixqimg cloud image: configurationLimit must be a positive integer, not ${builtins.toJSON configurationLimit}"
+    else
+      rounded;
+
+  # The channel that `nixos-rebuild boot --upgrade` follows in the image: the release the image was
+  # built from, or unstable for a pre-release nixpkgs.
+  channelUrl =
+    { release, versionSuffix }:
+    if builtins.match ".*pre.*" versionSuffix != null then
+      "https://nixos.org/channels/nixos-unstable"
+    else
+      "https://nixos.org/channels/nixos-${release}";
+
+  # BIOS boot only exists where the firmware can do it: x86.
+  biosDefault = system: system == "x86_64-linux";
+
+  # The arguments of `nixqimg image` for one image, so the derivation and the Rust test read the
+  # same list (tests/nix_files.rs checks every flag against the real binary's `image --help`).
+  imageArgs =
+    {
+      closureInfo,
+      toplevel,
+      out,
+      format ? "qcow2",
+      bios ? false,
+      espSizeMiB ? null,
+      # systemd-boot's menu seconds on the first boot (boot.loader.timeout; later rebuilds rewrite it).
+      timeout ? null,
+      seed ? null,
+    }:
+    [
+      "image"
+      "--closure-info"
+      closureInfo
+      "--toplevel"
+      toplevel
+      "--out"
+      out
+      "--format"
+      format
+      "--boot"
+      (if bios then "hybrid" else "uefi")
+    ]
+    ++ (if espSizeMiB == null then [ ] else [ "--esp-size" "${toString espSizeMiB}M" ])
+    ++ (if timeout == null then [ ] else [ "--timeout" (toString timeout) ])
+    ++ (if seed == null then [ ] else [ "--seed" seed ]);
+
+  # /etc/nixos/configuration.nix as the image writes it on first boot: a module that imports the
+  # copy of this directory and pins what the image was built with, so `nixos-rebuild` inside the
+  # machine rebuilds the same system (tests/nix_files.rs evaluates what this returns).
+  configurationNix =
+    {
+      bios,
+      configurationLimit,
+      stateVersion,
+      channel,
+    }:
+    ''
+      # Written by nixqimg's cloud image on its first boot, and never again: edit it freely.
+      # `nixos-rebuild switch` rebuilds this machine from here. To follow a newer NixOS:
+      #   nix-channel --add ${channel} nixos && nixos-rebuild boot --upgrade
+      # SSH keys, users and the hostname come from cloud-init (NoCloud seed or Hetzner metadata).
+      { ... }:
+      {
+        imports = [ ./nixqimg/cloud-image.nix ];
+        nixqimg.cloudImage.bios.enable = ${if bios then "true" else "false"};
+        boot.loader.systemd-boot.configurationLimit = ${builtins.toJSON configurationLimit};
+        # The release whose defaults this machine's state was created with: keep it when upgrading.
+        system.stateVersion = ${builtins.toJSON stateVersion};
+      }
+    '';
+}

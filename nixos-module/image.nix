@@ -1,0 +1,47 @@
+# The disk image of a NixOS system, assembled by `nixqimg image` from the system's closure: no VM, no
+# KVM, no emulation. `pkgs` is whoever runs the assembly: the build machine's packages make an aarch64
+# image on x86_64 (and back) natively, since a disk is only bytes (partitions, FAT, ext4, the store).
+# The result is a directory holding `nixos.qcow2` (or `nixos.raw`), as `result/nixos.qcow2`.
+{
+  pkgs,
+  # The evaluated NixOS configuration (nixosSystem's `config`), with nixqimg.cloudImage options.
+  config,
+  nixqimg ? pkgs.nixqimg or (pkgs.callPackage ./package.nix { }),
+}:
+let
+  cloudLib = import ./cloud-lib.nix;
+  cfg = config.nixqimg.cloudImage;
+  toplevel = config.system.build.toplevel;
+  # store-paths and registration of the whole closure: what nixqimg copies and registers in the
+  # image's Nix database. closureInfo only reads references, so the build machine can make it for a
+  # foreign system without running anything of that system.
+  closure = pkgs.closureInfo { rootPaths = [ toplevel ]; };
+  file = "nixos.${cfg.format}";
+  args = cloudLib.imageArgs {
+    closureInfo = "${closure}";
+    toplevel = "${toplevel}";
+    out = "${placeholder "out"}/${file}";
+    inherit (cfg) format espSizeMiB;
+    bios = cfg.bios.enable;
+    inherit (config.boot.loader) timeout;
+  };
+in
+pkgs.runCommand "nixos-${config.system.nixos.label}-${pkgs.lib.replaceStrings [ "-linux" ] [ "" ] config.nixpkgs.hostPlatform.system}-image"
+  {
+    # mkfs.ext4 -d and qemu-img are the field's tools for the parts nixqimg does not write itself.
+    nativeBuildInputs = [
+      nixqimg
+      pkgs.e2fsprogs
+      pkgs.qemu-utils
+    ];
+    passthru = {
+      inherit toplevel closure;
+      imageFile = file;
+    };
+  }
+  ''
+    mkdir -p $out
+    nixqimg ${pkgs.lib.escapeShellArgs args}
+    mkdir -p $out/nix-support
+    echo "file ${cfg.format} $out/${file}" > $out/nix-support/hydra-build-products
+  ''

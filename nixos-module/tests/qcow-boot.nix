@@ -1,0 +1,108 @@
+# NixOS test (flake check `qcow-boot`): boot the cloud image exactly as a user gets it (the qcow2 that
+# `nixqimg image` assembled, not a test VM built by the framework), with a NoCloud seed, and log in
+# over SSH with the seeded key once cloud-init has finished. On x86_64 the same image boots twice:
+# UEFI (OVMF) and legacy BIOS (SeaBIOS).
+#
+# The image has no test backdoor: the script watches its serial console and talks to it only through
+# sshd, from the driver, over QEMU's user-network port forward.
+{
+  pkgs,
+  # A derivation whose output holds nixos.qcow2 (image.nix).
+  image,
+}:
+let
+  inherit (pkgs) lib;
+  inherit (import "${pkgs.path}/nixos/tests/ssh-keys.nix" pkgs) snakeOilPrivateKey snakeOilPublicKey;
+  qemuCommon = import "${pkgs.path}/nixos/lib/qemu-common.nix" { inherit lib pkgs; };
+  qemu = qemuCommon.qemuBinary pkgs.qemu_test;
+  isX86 = pkgs.stdenv.hostPlatform.isx86_64;
+  hostname = "nixqimg-check";
+
+  # A NoCloud seed as `nixqimg seed` makes it: a FAT volume labelled CIDATA.
+  seed =
+    pkgs.runCommand "nocloud-seed.img"
+      {
+        nativeBuildInputs = [
+          pkgs.dosfstools
+          pkgs.mtools
+        ];
+      }
+      ''
+        cat > user-data <<EOF
+        #cloud-config
+        users:
+          - name: root
+            ssh_authorized_keys:
+              - "${snakeOilPublicKey}"
+        EOF
+        cat > meta-data <<EOF
+        instance-id: iid-nixqimg-check
+        local-hostname: ${hostname}
+        EOF
+        truncate -s 4M $out
+        mkfs.vfat -n CIDATA $out
+        mcopy -i $out user-data meta-data ::
+      '';
+
+  drives = lib.concatStringsSep " " [
+    "-m 1536 -smp 2"
+    "-drive file=${image}/nixos.qcow2,format=qcow2,if=none,id=disk,snapshot=on -device virtio-blk-pci,drive=disk"
+    "-drive file=${seed},format=raw,if=none,id=seed,readonly=on -device virtio-blk-pci,drive=seed"
+    "-nic user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:@PORT@-:22"
+  ];
+in
+pkgs.testers.runNixOSTest {
+  name = "nixqimg-qcow-boot";
+  nodes = { };
+  testScript = ''
+    import os
+    import shutil
+    import subprocess
+
+    key = os.path.join(os.environ.get("TMPDIR", "/tmp"), "id_snakeoil")
+    shutil.copy("${snakeOilPrivateKey}", key)
+    os.chmod(key, 0o600)
+
+    def ssh(port, command):
+        return subprocess.run(
+            ["${pkgs.openssh}/bin/ssh", "-p", str(port), "-i", key,
+             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+             "-o", "ConnectTimeout=10", "root@127.0.0.1", command],
+            capture_output=True, text=True, timeout=120,
+        )
+
+    def boot(name, firmware_flags, port):
+        vm = create_machine(
+            f"${qemu} {firmware_flags} ${drives}".replace("@PORT@", str(port)),
+            name=name,
+        )
+        vm.start()
+        # cloud-init's final stage prints this line on the console when every stage has run.
+        vm.wait_for_console_text("Cloud-init v. .* finished", timeout=1800)
+        retry(lambda last: ssh(port, "true").returncode == 0, timeout_seconds=300)
+        status = ssh(port, "cloud-init status --wait --long")
+        print(status.stdout, status.stderr)
+        t.assertIn("status: done", status.stdout)
+        t.assertEqual(ssh(port, "hostname").stdout.strip(), "${hostname}")
+        # growpart and resize2fs ran: the root filesystem is the ext4 labelled nixos.
+        t.assertIn("nixos", ssh(port, "lsblk -no LABEL $(findmnt -no SOURCE /)").stdout)
+        # No password logins: keys only.
+        t.assertIn("passwordauthentication no", ssh(port, "sshd -T").stdout.lower())
+        # The image carries a configuration that reproduces it.
+        t.assertEqual(ssh(port, "test -e /etc/nixos/configuration.nix && nix-instantiate --parse /etc/nixos/configuration.nix >/dev/null").returncode, 0)
+        vm.crash()
+
+    vars = os.path.join(os.environ.get("TMPDIR", "/tmp"), "vars.fd")
+    shutil.copy("${pkgs.OVMF.fd.variables}", vars)
+    os.chmod(vars, 0o600)
+    with subtest("UEFI boot, cloud-init, ssh with the seeded key"):
+        boot("uefi",
+             "-drive if=pflash,format=raw,unit=0,readonly=on,file=${pkgs.OVMF.fd.firmware} "
+             f"-drive if=pflash,format=raw,unit=1,file={vars}",
+             2222)
+    ${lib.optionalString isX86 ''
+      with subtest("legacy BIOS boot of the same image"):
+          boot("bios", "", 2223)
+    ''}
+  '';
+}

@@ -1,0 +1,375 @@
+//! The Nix side, checked with the real Nix of this machine (Debian's nix-bin) and without nixpkgs:
+//! every .nix file parses, every path a .nix file names exists, the flake's inputs and the outputs
+//! that need no nixpkgs evaluate, the cloud image's pure decisions (nixos-module/cloud-lib.nix)
+//! evaluate to what the module promises, and the exact argv the image derivation hands to
+//! `nixqimg image` is accepted by the real binary. What needs nixpkgs is in the flake's `checks`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const NIXQIMG: &str = env!("CARGO_BIN_EXE_nixqimg");
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A directory removed on drop: the temp store, state and config Nix may touch, so nothing is
+/// written under /nix (nix-instantiate as root otherwise creates /nix/var/nix/db).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "nixqimg-nixfiles-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `cmd` to completion under a deadline; a hung child is killed and the test fails.
+fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `nix-instantiate ARGS` with a private store and configuration; fails the test, naming the
+/// package, when Nix is not installed.
+fn nix_instantiate(args: &[&str]) -> Output {
+    let probe = Command::new("nix-instantiate").arg("--version").output();
+    assert!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "nix-instantiate is missing: install the Debian package nix-bin (listed in .ci/packages)"
+    );
+    let t = TempDir::new("nix");
+    let conf = t.0.join("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(conf.join("nix.conf"), "build-users-group =\nsubstituters =\n").unwrap();
+    let mut cmd = Command::new("nix-instantiate");
+    cmd.args(args)
+        .current_dir(repo())
+        .env("NIX_STORE_DIR", t.0.join("store"))
+        .env("NIX_STATE_DIR", t.0.join("state"))
+        .env("NIX_LOG_DIR", t.0.join("log"))
+        .env("NIX_CONF_DIR", &conf)
+        .env("XDG_CACHE_HOME", t.0.join("cache"))
+        .env("HOME", &t.0)
+        .env_remove("NIX_PATH");
+    run_with_timeout(cmd, Duration::from_secs(120))
+}
+
+/// Evaluates a Nix expression (relative paths from the repository root) strictly, as JSON.
+fn eval_json(expr: &str) -> String {
+    let out = nix_instantiate(&["--eval", "--strict", "--json", "-E", expr]);
+    assert!(
+        out.status.success(),
+        "nix-instantiate --eval failed for\n{expr}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The error of an evaluation that must fail.
+fn eval_error(expr: &str) -> String {
+    let out = nix_instantiate(&["--eval", "--strict", "--json", "-E", expr]);
+    assert!(
+        !out.status.success(),
+        "evaluation unexpectedly succeeded:\n{expr}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Every .nix file of the repository, skipping build output, VCS data and fetched caches.
+fn nix_files() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                if !name.starts_with('.') && !name.starts_with("target") && name != "result" {
+                    walk(&p, out);
+                }
+            } else if ft.is_file() && name.ends_with(".nix") {
+                out.push(p);
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(&repo(), &mut v);
+    v.sort();
+    v
+}
+
+/// Parses one file; Err(message) when Nix rejects it.
+fn parse(file: &Path) -> Result<String, String> {
+    let out = nix_instantiate(&["--parse", file.to_str().unwrap()]);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn every_nix_file_in_the_repository_parses() {
+    let files = nix_files();
+    for must in ["flake.nix", "nixos-module/cloud-image.nix", "nixos-module/image.nix", "nixos-module/cloud-lib.nix"] {
+        assert!(files.contains(&repo().join(must)), "{must} is missing");
+    }
+    let bad: Vec<String> =
+        files.iter().filter_map(|f| parse(f).err().map(|e| format!("{}: {}", f.display(), e.trim()))).collect();
+    assert!(bad.is_empty(), "these .nix files do not parse:\n{}", bad.join("\n"));
+}
+
+#[test]
+fn a_file_with_a_syntax_error_is_reported_with_its_line() {
+    let t = TempDir::new("bad");
+    let f = t.0.join("broken.nix");
+    std::fs::write(&f, "{ a = 1;\n  b = ; }\n").unwrap();
+    let err = parse(&f).expect_err("a broken file parsed");
+    assert!(err.contains("syntax error") && err.contains(":2:"), "{err}");
+}
+
+/// Paths in Nix source (`./image.nix`, `${./bios-sync.sh}`) resolve at parse time to absolute ones:
+/// collect those inside the repository from the parser's output.
+fn repo_paths_named_in(parsed: &str) -> Vec<String> {
+    let root = repo().display().to_string();
+    let mut found = Vec::new();
+    let mut rest = parsed;
+    while let Some(i) = rest.find(root.as_str()) {
+        let tail = &rest[i..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || "/._-+".contains(c))).unwrap_or(tail.len());
+        found.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    found
+}
+
+#[test]
+fn every_path_a_nix_file_names_exists() {
+    let mut missing = Vec::new();
+    for f in nix_files() {
+        let Ok(parsed) = parse(&f) else { continue };
+        for p in repo_paths_named_in(&parsed) {
+            if !Path::new(&p).exists() {
+                missing.push(format!("{} names {p}", f.display()));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "missing files:\n{}", missing.join("\n"));
+}
+
+#[test]
+fn the_path_scan_sees_a_missing_file() {
+    let parsed = format!("{{ a = {}/nixos-module/not-there.nix; }}", repo().display());
+    let found = repo_paths_named_in(&parsed);
+    assert_eq!(found, [format!("{}/nixos-module/not-there.nix", repo().display())]);
+    assert!(!Path::new(&found[0]).exists());
+}
+
+#[test]
+fn the_flake_takes_upstream_nixpkgs_and_nothing_else() {
+    let got = eval_json(
+        r#"let f = import ./flake.nix; in {
+             inputs = builtins.attrNames f.inputs;
+             url = f.inputs.nixpkgs.url;
+             args = builtins.functionArgs f.outputs;
+           }"#,
+    );
+    assert_eq!(
+        got,
+        r#"{"args":{"nixpkgs":false,"self":false},"inputs":["nixpkgs"],"url":"github:NixOS/nixpkgs/nixos-26.05"}"#
+    );
+}
+
+/// The flake's outputs evaluated for real with a nixpkgs that fails when touched: what does not
+/// need nixpkgs (the output names, the module set) must evaluate, and does.
+#[test]
+fn the_flake_outputs_and_modules_evaluate_without_nixpkgs() {
+    let got = eval_json(
+        r#"let
+             f = import ./flake.nix;
+             o = f.outputs { self = o; nixpkgs = throw "this output needs nixpkgs"; };
+             describe = m: if builtins.isPath m
+               then { file = toString m; args = builtins.attrNames (builtins.functionArgs (import m)); }
+               else { imports = map toString m.imports; };
+           in {
+             outputs = builtins.attrNames o;
+             modules = builtins.mapAttrs (_: describe) o.nixosModules;
+           }"#,
+    );
+    let root = repo().display().to_string();
+    let want = format!(
+        concat!(
+            r#"{{"modules":{{"binfmt":{{"args":{BA},"file":"{r}/nixos-module/binfmt.nix"}},"#,
+            r#""cloud-image":{{"args":["config","lib","modulesPath","pkgs"],"file":"{r}/nixos-module/cloud-image.nix"}},"#,
+            r#""default":{{"imports":["{r}/nixos-module/binfmt.nix","{r}/nixos-module/cloud-image.nix"]}}}},"#,
+            r#""outputs":["apps","checks","formatter","lib","nixosConfigurations","nixosModules","overlays","packages"]}}"#
+        ),
+        r = root,
+        BA = binfmt_module_args(),
+    );
+    assert_eq!(got, want);
+}
+
+/// The binfmt module belongs to another part of the project; here only that it is a NixOS module
+/// function, whatever arguments it asks for (its own tests pin those).
+fn binfmt_module_args() -> String {
+    eval_json("builtins.attrNames (builtins.functionArgs (import ./nixos-module/binfmt.nix))")
+}
+
+#[test]
+fn serial_console_follows_the_target() {
+    let lib = "import ./nixos-module/cloud-lib.nix";
+    assert_eq!(
+        eval_json(&format!(r#"map ({lib}).serialConsole [ "x86_64-linux" "aarch64-linux" ]"#)),
+        r#"["ttyS0","ttyAMA0"]"#
+    );
+    let err = eval_error(&format!(r#"({lib}).serialConsole "riscv64-linux""#));
+    assert!(err.contains("no serial console known for riscv64-linux"), "{err}");
+    assert_eq!(eval_json(&format!(r#"map ({lib}).biosDefault [ "x86_64-linux" "aarch64-linux" ]"#)), "[true,false]");
+}
+
+#[test]
+fn esp_holds_every_kept_generation() {
+    for system in ["x86_64-linux", "aarch64-linux"] {
+        let per: u64 = eval_json(&format!(r#"(import ./nixos-module/cloud-lib.nix).perGenerationMiB "{system}""#))
+            .parse()
+            .unwrap();
+        let mut last = 0;
+        for limit in [1u64, 2, 5, 10, 30] {
+            let size: u64 = eval_json(&format!(
+                r#"(import ./nixos-module/cloud-lib.nix).espSizeMiB {{ system = "{system}"; configurationLimit = {limit}; }}"#
+            ))
+            .parse()
+            .unwrap();
+            // Room for the kept generations plus the one being installed, aligned, and growing
+            // with the limit.
+            assert!(size >= (limit + 1) * per, "{system} limit {limit}: {size} MiB");
+            assert_eq!(size % 64, 0, "{system} limit {limit}: {size} MiB is not 64 MiB aligned");
+            assert!(size > last, "{system}: ESP does not grow with the limit");
+            // FAT32 needs at least 32 MiB and a cloud disk should not spend a tenth of 20 GiB on it.
+            assert!((32..=4096).contains(&size), "{system} limit {limit}: {size} MiB");
+            last = size;
+        }
+    }
+    let err = eval_error(
+        r#"(import ./nixos-module/cloud-lib.nix).espSizeMiB { system = "x86_64-linux"; configurationLimit = null; }"#,
+    );
+    assert!(err.contains("configurationLimit must be a positive integer"), "{err}");
+}
+
+#[test]
+fn channel_follows_the_release_the_image_was_built_from() {
+    let got = eval_json(
+        r#"let l = import ./nixos-module/cloud-lib.nix; in [
+             (l.channelUrl { release = "26.05"; versionSuffix = ".20260612.0123abc"; })
+             (l.channelUrl { release = "26.11"; versionSuffix = "pre912345.89abcde"; })
+           ]"#,
+    );
+    assert_eq!(got, r#"["https://nixos.org/channels/nixos-26.05","https://nixos.org/channels/nixos-unstable"]"#);
+}
+
+/// The argv image.nix hands to `nixqimg image`, for every combination the module can produce.
+fn image_argvs(dir: &Path) -> Vec<Vec<String>> {
+    let d = dir.display();
+    let json = eval_json(&format!(
+        r#"let l = import ./nixos-module/cloud-lib.nix; in
+           builtins.concatMap (format: map (bios: l.imageArgs {{
+             closureInfo = "{d}/closure-info"; toplevel = "{d}/toplevel"; out = "{d}/out/nixos.${{format}}";
+             inherit format bios; espSizeMiB = 448; timeout = 0;
+           }}) [ true false ]) [ "qcow2" "raw" ]"#
+    ));
+    split_json_string_lists(&json)
+}
+
+/// `[["a","b"],["c"]]` of plain strings (no escapes: the paths here have none) into vectors.
+fn split_json_string_lists(json: &str) -> Vec<Vec<String>> {
+    assert!(!json.contains('\\'), "unexpected escape in {json}");
+    let inner = json.strip_prefix("[[").and_then(|s| s.strip_suffix("]]")).unwrap_or_else(|| panic!("{json}"));
+    inner.split("],[").map(|list| list.split(',').map(|s| s.trim_matches('"').to_string()).collect()).collect()
+}
+
+#[test]
+fn nixqimg_image_accepts_the_argv_the_image_derivation_passes() {
+    let t = TempDir::new("argv");
+    std::fs::create_dir_all(t.0.join("out")).unwrap();
+    let argvs = image_argvs(&t.0);
+    assert_eq!(argvs.len(), 4);
+    for argv in argvs {
+        assert_eq!(argv[0], "image", "{argv:?}");
+        let mut cmd = Command::new(NIXQIMG);
+        cmd.args(&argv);
+        let out = run_with_timeout(cmd, Duration::from_secs(60));
+        let err = String::from_utf8_lossy(&out.stderr);
+        // The closure does not exist, so the command fails; what matters is that it fails on
+        // that, not on its command line (exit code 2 is a usage error, README "Exit codes").
+        assert_ne!(out.status.code(), Some(2), "nixqimg rejected the argv {argv:?}:\n{err}");
+        assert!(!out.status.success(), "nixqimg image succeeded with no closure: {argv:?}");
+        assert!(err.contains(&format!("{}/closure-info", t.0.display())), "{argv:?}:\n{err}");
+        assert_eq!(std::fs::read_dir(t.0.join("out")).unwrap().count(), 0, "a failed image left output behind");
+    }
+}
+
+/// The configuration.nix the image writes on first boot is a module that imports the copy of
+/// nixos-module/ beside it and pins what the image was built with.
+#[test]
+fn the_written_configuration_reproduces_the_image() {
+    let t = TempDir::new("etc-nixos");
+    let text = eval_json(
+        r#"(import ./nixos-module/cloud-lib.nix).configurationNix {
+             bios = true; configurationLimit = 7; stateVersion = "26.05";
+             channel = "https://nixos.org/channels/nixos-26.05";
+           }"#,
+    );
+    let text: String = text.trim_matches('"').replace("\\n", "\n").replace("\\\"", "\"").replace("\\$", "$");
+    std::fs::write(t.0.join("configuration.nix"), &text).unwrap();
+    parse(&t.0.join("configuration.nix")).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let m = eval_json(&format!(
+        r#"let m = import {}/configuration.nix {{ }}; in m // {{ imports = map toString m.imports; }}"#,
+        t.0.display()
+    ));
+    assert_eq!(
+        m,
+        format!(
+            concat!(
+                r#"{{"boot":{{"loader":{{"systemd-boot":{{"configurationLimit":7}}}}}},"imports":["{}/nixqimg/cloud-image.nix"],"#,
+                r#""nixqimg":{{"cloudImage":{{"bios":{{"enable":true}}}}}},"system":{{"stateVersion":"26.05"}}}}"#
+            ),
+            t.0.display()
+        )
+    );
+    assert!(text.contains("nix-channel --add https://nixos.org/channels/nixos-26.05 nixos"), "{text}");
+}
