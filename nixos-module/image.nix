@@ -28,11 +28,15 @@ let
 in
 pkgs.runCommand "nixos-${config.system.nixos.label}-${pkgs.lib.replaceStrings [ "-linux" ] [ "" ] config.nixpkgs.hostPlatform.system}-image"
   {
-    # mkfs.ext4 -d and qemu-img are the field's tools for the parts nixqimg does not write itself.
-    nativeBuildInputs = [
+    # The field's tools for the parts nixqimg does not write itself (src/image*.rs, src/bios.rs):
+    # sfdisk, mkfs.ext4 -d + debugfs, sqlite3 for the Nix database, qemu-img, mtools for the BIOS loader.
+    nativeBuildInputs = map pkgs.lib.getBin [
       nixqimg
+      pkgs.util-linux
       pkgs.e2fsprogs
+      pkgs.sqlite
       pkgs.qemu-utils
+      pkgs.mtools
     ];
     passthru = {
       inherit toplevel closure;
