@@ -110,6 +110,7 @@
         default = {
           type = "app";
           program = "${self.packages.${system}.nixqimg}/bin/nixqimg";
+          meta.description = "nixqimg: binfmt interpreter, registration, doctor, image builder";
         };
       });
 
@@ -133,6 +134,6 @@
         }
       );
 
-      formatter = forAllSystems (system: nixpkgs.legacyPackages.${system}.nixfmt-rfc-style);
+      formatter = forAllSystems (system: nixpkgs.legacyPackages.${system}.nixfmt);
     };
 }

@@ -194,12 +194,11 @@ in
       };
     };
 
-    # nixos/modules/services/system/cloud-init.nix
+    # nixos/modules/services/system/cloud-init.nix; the package (pkgs/by-name/cl/cloud-init) carries
+    # nixpkgs' NixOS distro patch and has growpart (cloud-utils.guest) and dmidecode on its PATH.
     services.cloud-init = {
       enable = true;
       network.enable = true;
-      # growpart for cloud-init's growpart module (the module's own path lacks it).
-      extraPackages = [ pkgs.cloud-utils ];
       settings = {
         datasource_list = [
           "NoCloud"
@@ -210,8 +209,23 @@ in
           mode = "auto";
           devices = [ "/" ];
         };
-        # The module's default list without set-passwords: this image takes keys only, and that
-        # module rewrites /etc/ssh/sshd_config, which NixOS keeps as a read-only store link.
+        # The module's default lists (mkDefault) less what cannot work here, so that `cloud-init
+        # status` ends in `done`, not in errors: migrator and rightscale_userdata are gone from
+        # cloud-init 24+, rsyslog has nothing to configure, keys-to-console looks for its helper
+        # under /usr/lib (ssh-authkey-fingerprints prints the fingerprints anyway), and
+        # set-passwords rewrites /etc/ssh/sshd_config, a read-only store link here, for an image
+        # that takes keys only.
+        cloud_init_modules = [
+          "seed_random"
+          "bootcmd"
+          "write-files"
+          "growpart"
+          "resizefs"
+          "update_hostname"
+          "resolv_conf"
+          "ca-certs"
+          "users-groups"
+        ];
         cloud_config_modules = [
           "disk_setup"
           "mounts"
@@ -220,6 +234,17 @@ in
           "disable-ec2-metadata"
           "runcmd"
           "ssh"
+        ];
+        cloud_final_modules = [
+          "scripts-vendor"
+          "scripts-per-once"
+          "scripts-per-boot"
+          "scripts-per-instance"
+          "scripts-user"
+          "ssh-authkey-fingerprints"
+          "phone-home"
+          "final-message"
+          "power-state-change"
         ];
       };
     };
