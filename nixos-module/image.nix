@@ -17,6 +17,8 @@ let
   # foreign system without running anything of that system.
   closure = pkgs.closureInfo { rootPaths = [ toplevel ]; };
   file = "nixos.${cfg.format}";
+  # nixpkgs.hostPlatform is a string or an (elaborated) platform; elaborate takes both.
+  targetSystem = (pkgs.lib.systems.elaborate config.nixpkgs.hostPlatform).system;
   args = cloudLib.imageArgs {
     closureInfo = "${closure}";
     toplevel = "${toplevel}";
@@ -26,7 +28,7 @@ let
     inherit (config.boot.loader) timeout;
   };
 in
-pkgs.runCommand "nixos-${config.system.nixos.label}-${pkgs.lib.replaceStrings [ "-linux" ] [ "" ] config.nixpkgs.hostPlatform.system}-image"
+pkgs.runCommand "nixos-image-${config.system.nixos.label}-${targetSystem}"
   {
     # The field's tools for the parts nixqimg does not write itself (src/image*.rs, src/bios.rs):
     # sfdisk, mkfs.ext4 -d + debugfs, sqlite3 for the Nix database, qemu-img, mtools for the BIOS loader.
