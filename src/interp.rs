@@ -71,14 +71,21 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
     let _log = crate::logging::init(cfg.log.as_deref(), cfg.log_file.as_deref());
 
     let path = &args[1];
-    // With O/C the kernel opened the program for us: use that file, race-free, and hand it to qemu
-    // as /proc/self/fd/N (the fd has no CLOEXEC, so it survives our exec).
+    // With O/C the kernel opened the program for us: use that file, race-free. qemu must open it
+    // again by a path, and whatever fd is open at our exec is open in the guest too (qemu closes
+    // only its own). So when the path still names the same file and we can read it, hand qemu the
+    // path and let the kernel's fd close at exec; else (an execute-only file, or a setuid program,
+    // where a swapped path would run another file with raised credentials) /proc/self/fd/N, and the
+    // guest inherits fd N.
     let (file, program) = if execfd > 0 && execfd < i32::MAX as u64 {
         // SAFETY: the kernel put an open fd of the program into AT_EXECFD for this process; it stays
-        // open (ManuallyDrop) because qemu opens it again through /proc/self/fd.
+        // open (ManuallyDrop) in case qemu has to open it again through /proc/self/fd.
         let f = ManuallyDrop::new(unsafe { File::from_raw_fd(execfd as i32) });
-        (f, OsString::from(format!("/proc/self/fd/{execfd}")))
-    } else {
+        if !secure && same_readable_file(&f, path) {
+            // SAFETY: F_SETFD on the fd the kernel gave us; no memory is involved.
+            unsafe { libc::fcntl(execfd as i32, libc::F_SETFD, libc::FD_CLOEXEC) };
+            (f, path.clone())
+        } else {
         let f = File::open(path).map_err(|e| Fail {
             code: if e.kind() == std::io::ErrorKind::NotFound { code::NOT_FOUND } else { code::CANNOT_EXEC },
             what: format!("cannot open: {e}"),
@@ -134,6 +141,13 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
         what: format!("cannot exec {}: {e}", plan.exe.display()),
         hint: "inside a Nix sandbox qemu must be visible: add it to extra-sandbox-paths (see 'nixqimg nix-config')",
     })
+}
+
+/// Does `path` open, for reading by us, the very file `f` is (same device and inode)?
+fn same_readable_file(f: &File, path: &OsStr) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(a), Ok(b)) = (f.metadata(), File::open(path).and_then(|p| p.metadata())) else { return false };
+    a.dev() == b.dev() && a.ino() == b.ino()
 }
 
 fn join_dirs(d: &[PathBuf]) -> String {

@@ -1,0 +1,111 @@
+//! Real boots: NixOS-shaped systems built by Nix from Debian parts, made into disk images by
+//! `nixqimg image`, booted by `nixqimg run --accel tcg` under OVMF, SeaBIOS (the same hybrid image) and
+//! AAVMF. The guest's own init checks what NixOS's first boot relies on and prints one marker line.
+
+#[macro_use]
+mod boot_support;
+
+use boot_support::{marker, need, nixqimg, system, Tmp};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+/// One VM at a time: the machine has two cores shared by everyone.
+static VM: Mutex<()> = Mutex::new(());
+
+struct Image {
+    _dir: Tmp,
+    path: PathBuf,
+    toplevel: PathBuf,
+}
+
+fn image(arch: &str, boot: &str) -> Image {
+    need("qemu-img", "qemu-utils");
+    let toplevel = system(arch);
+    let dir = Tmp::new(&format!("boot-image-{arch}"));
+    let path = dir.join("nixos.qcow2");
+    let (code, out, err) =
+        nixqimg(&args!["image", "--toplevel", toplevel, "--out", path, "--boot", boot, "--timeout", "0",]);
+    assert_eq!(code, 0, "nixqimg image failed:\n{out}{err}");
+    Image { _dir: dir, path, toplevel }
+}
+
+fn x86_64_hybrid() -> &'static Image {
+    static IMG: OnceLock<Image> = OnceLock::new();
+    IMG.get_or_init(|| image("x86_64", "hybrid"))
+}
+
+/// `nixqimg run IMAGE --accel tcg --until NIXQIMG-BOOT- --timeout 240 EXTRA...`; returns the marker line.
+fn boot(image: &Path, extra: &[&OsStr]) -> String {
+    let _one = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let mut args: Vec<&OsStr> =
+        args!["run", image, "--accel", "tcg", "--snapshot", "--until", "NIXQIMG-BOOT-", "--timeout", "240"];
+    args.extend_from_slice(extra);
+    let start = std::time::Instant::now();
+    let (code, out, err) = nixqimg(&args);
+    eprintln!("boot took {:.1}s", start.elapsed().as_secs_f64());
+    assert_eq!(code, 0, "nixqimg run failed:\n{out}\n{err}");
+    let m = marker(&out);
+    eprintln!("{m}");
+    m
+}
+
+fn seed(dir: &Tmp, hostname: &str) -> (PathBuf, String) {
+    let key = dir.join("id.pub");
+    std::fs::write(&key, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBootTestKeyOnlyForNixqimgTests test@nixqimg\n").unwrap();
+    let out = dir.join("seed.img");
+    let (code, o, e) = nixqimg(&args!["seed", "--ssh-key", key, "--hostname", hostname, "--out", out,]);
+    assert_eq!(code, 0, "nixqimg seed failed: {o}{e}");
+    let meta = boot_support::run(std::process::Command::new("mtype").arg("-i").arg(&out).arg("::/meta-data")).stdout;
+    let id = String::from_utf8_lossy(&meta)
+        .lines()
+        .find_map(|l| l.strip_prefix("instance-id: ").map(String::from))
+        .expect("the seed's meta-data has an instance-id");
+    (out, id)
+}
+
+#[test]
+fn x86_64_hybrid_image_boots_under_ovmf_with_a_seed() {
+    let img = x86_64_hybrid();
+    let dir = Tmp::new("boot-seed-uefi");
+    let (seed, id) = seed(&dir, "web-1");
+    let m = boot(&img.path, &args!["--seed", seed]);
+    assert_eq!(
+        m,
+        format!(
+            "NIXQIMG-BOOT-OK arch=x86_64 firmware=uefi serial=ds=nocloud \
+             seed=instance-id={id},hostname=web-1,user-data=#cloud-config,ssh-keys=1"
+        )
+    );
+    assert!(img.toplevel.is_dir());
+}
+
+#[test]
+fn the_same_hybrid_image_boots_under_seabios() {
+    let img = x86_64_hybrid();
+    let m = boot(&img.path, &args!["--firmware", "bios"]);
+    assert_eq!(m, "NIXQIMG-BOOT-OK arch=x86_64 firmware=bios serial=ds=nocloud-net seed=none");
+}
+
+#[test]
+fn aarch64_image_boots_under_aavmf_and_its_arch_is_read_from_the_esp() {
+    let img = image("aarch64", "uefi");
+    let dir = Tmp::new("boot-key-aarch64");
+    let key = dir.join("id.pub");
+    std::fs::write(&key, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIArmTestKey test@nixqimg\n").unwrap();
+    // No --arch: `run` reads BOOTAA64.EFI from the image's ESP; --ssh-key makes a seed for this run.
+    let m = boot(&img.path, &args!["--ssh-key", key]);
+    let prefix = "NIXQIMG-BOOT-OK arch=aarch64 firmware=uefi serial=ds=nocloud seed=instance-id=iid-";
+    assert!(m.starts_with(prefix), "{m}");
+    assert!(m.ends_with(",hostname=nixos,user-data=#cloud-config,ssh-keys=1"), "{m}");
+}
+
+#[test]
+fn a_guest_that_never_prints_the_marker_times_out_with_124() {
+    let img = x86_64_hybrid();
+    let _one = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let (code, _out, err) =
+        nixqimg(&args!["run", img.path, "--accel", "tcg", "--snapshot", "--until", "NEVER-PRINTED", "--timeout", "3",]);
+    assert_eq!(code, 124, "{err}");
+    assert!(err.contains("the guest ran 3s without printing 'NEVER-PRINTED'; stopped it"), "{err}");
+}
