@@ -20,18 +20,25 @@ let
   # What runs on every `nixos-rebuild boot|switch` after systemd-boot wrote its entries: a shell
   # script over tools that are in every system closure anyway, so that no target ever has to build
   # nixqimg for itself (an aarch64 laptop building an x86_64 image would otherwise compile it under
-  # emulation). tests/bootloader*.rs proves it writes what `nixqimg bootloader sync` writes.
+  # emulation). tests/bootloader_sync.rs proves it writes what `nixqimg bootloader sync` writes; it
+  # needs sh, coreutils, sed and awk.
   biosSync = pkgs.writeShellScript "nixqimg-bios-sync" ''
     export PATH=${
       lib.makeBinPath [
         pkgs.coreutils
         pkgs.gnused
-        pkgs.gnugrep
         pkgs.gawk
-        pkgs.findutils
       ]
     }
-    exec ${pkgs.runtimeShell} ${./bios-sync.sh} --esp ${lib.escapeShellArg esp}
+    exec ${
+      lib.escapeShellArgs (
+        cloudLib.biosSyncCommand {
+          shell = pkgs.runtimeShell;
+          script = "${./bios-sync.sh}";
+          inherit esp;
+        }
+      )
+    }
   '';
 
   # /etc/nixos as the image ships it: this module's directory and a configuration.nix that imports
@@ -278,11 +285,17 @@ in
       ''
     );
 
-    # The disk image of this system, assembled by nixqimg on the system's build platform (see
-    # image.nix; the flake's packages.<build>.qcow-<target> assembles it on the build machine).
-    system.build.qcow = import ./image.nix {
-      pkgs = pkgs.buildPackages;
-      inherit config;
-    };
+    system.build = {
+      # The disk image of this system, assembled by nixqimg on the system's build platform (see
+      # image.nix; the flake's packages.<build>.qcow-<target> assembles it on the build machine).
+      qcow = import ./image.nix {
+        pkgs = pkgs.buildPackages;
+        inherit config;
+      };
+    }
+    # The BIOS menu sync as it runs after `nixos-rebuild` (by hand: `$(nix-build '<nixpkgs/nixos>'
+    # -A config.system.build.biosSync)`). Defined only when it exists: system.build is lazyAttrsOf,
+    # which would keep a mkIf'd attribute and throw on use.
+    // lib.optionalAttrs cfg.bios.enable { inherit biosSync; };
   };
 }

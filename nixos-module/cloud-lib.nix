@@ -46,6 +46,21 @@ rec {
     else
       "https://nixos.org/channels/nixos-${release}";
 
+  # The command boot.loader.systemd-boot.extraInstallCommands runs after every generation change:
+  # bios-sync.sh takes the ESP's mount point as its one argument (tests/nix_files.rs runs exactly
+  # this argv on a real ESP tree).
+  biosSyncCommand =
+    {
+      shell,
+      script,
+      esp,
+    }:
+    [
+      shell
+      script
+      esp
+    ];
+
   # BIOS boot only exists where the firmware can do it: x86.
   biosDefault = system: system == "x86_64-linux";
 

@@ -373,3 +373,56 @@ fn the_written_configuration_reproduces_the_image() {
     );
     assert!(text.contains("nix-channel --add https://nixos.org/channels/nixos-26.05 nixos"), "{text}");
 }
+
+/// A systemd-boot ESP as NixOS's installer leaves it: two generations, the newer one the default.
+fn esp_tree(esp: &Path) {
+    for d in ["loader/entries", "EFI/nixos"] {
+        std::fs::create_dir_all(esp.join(d)).unwrap();
+    }
+    for g in [1, 2] {
+        std::fs::write(esp.join(format!("EFI/nixos/kernel-{g}.efi")), b"k").unwrap();
+        std::fs::write(esp.join(format!("EFI/nixos/initrd-{g}.efi")), b"i").unwrap();
+        std::fs::write(
+            esp.join(format!("loader/entries/nixos-generation-{g}.conf")),
+            format!(
+                "title NixOS\nversion Generation {g} NixOS 26.05\nlinux /EFI/nixos/kernel-{g}.efi\n\
+                 initrd /EFI/nixos/initrd-{g}.efi\noptions init=/nix/store/x-nixos-system-{g}/init console=ttyS0,115200 \
+                 msg=\"a b\"\nmachine-id 0123\nsort-key nixos\n"
+            ),
+        )
+        .unwrap();
+    }
+    std::fs::write(esp.join("loader/loader.conf"), "timeout 0\ndefault nixos-generation-2.conf\n").unwrap();
+}
+
+/// The exact command extraInstallCommands runs (cloud-lib's biosSyncCommand, with bash as NixOS's
+/// runtimeShell) regenerates the BIOS menu on a real ESP tree, byte for byte what
+/// `nixqimg bootloader sync` writes.
+#[test]
+fn the_module_runs_bios_sync_on_the_esp_as_nixqimg_would() {
+    let t = TempDir::new("esp");
+    let (a, b) = (t.0.join("a"), t.0.join("b"));
+    esp_tree(&a);
+    esp_tree(&b);
+    let argv = eval_json(&format!(
+        r#"(import ./nixos-module/cloud-lib.nix).biosSyncCommand {{
+             shell = "bash"; script = "{}/nixos-module/bios-sync.sh"; esp = "{}"; }}"#,
+        repo().display(),
+        a.display()
+    ));
+    let argv: Vec<String> = split_json_string_lists(&format!("[{argv}]")).remove(0);
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    let out = run_with_timeout(cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let mut cmd = Command::new(NIXQIMG);
+    cmd.args(["bootloader", "sync", "--esp"]).arg(&b);
+    let out = run_with_timeout(cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "nixqimg bootloader sync: {}", String::from_utf8_lossy(&out.stderr));
+    let script = std::fs::read_to_string(a.join("syslinux.cfg")).expect("bios-sync.sh wrote no syslinux.cfg");
+    let nixqimg = std::fs::read_to_string(b.join("syslinux.cfg")).unwrap();
+    assert_eq!(script, nixqimg);
+    // Both generations, the newer one the default, with its init= and quoted parameter.
+    assert!(script.contains("/EFI/nixos/kernel-1.efi") && script.contains("/EFI/nixos/kernel-2.efi"), "{script}");
+    assert!(script.contains("init=/nix/store/x-nixos-system-2/init console=ttyS0,115200 msg=\"a b\""), "{script}");
+}
