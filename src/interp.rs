@@ -86,6 +86,9 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
             unsafe { libc::fcntl(execfd as i32, libc::F_SETFD, libc::FD_CLOEXEC) };
             (f, path.clone())
         } else {
+            (f, OsString::from(format!("/proc/self/fd/{execfd}")))
+        }
+    } else {
         let f = File::open(path).map_err(|e| Fail {
             code: if e.kind() == std::io::ErrorKind::NotFound { code::NOT_FOUND } else { code::CANNOT_EXEC },
             what: format!("cannot open: {e}"),
