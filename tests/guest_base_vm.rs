@@ -10,6 +10,7 @@
 
 mod vm_support;
 
+use serde_json::{json, Value};
 use vm_support::{boot_16k, boot_4k, parts, Boot};
 
 const GUEST_BASE: &str = "Unable to find a guest_base to satisfy all guest address mapping requirements";
@@ -34,6 +35,37 @@ fn assert_explain(b: &Boot, name: &str, want: &str) {
     let c = b.case(name);
     assert_eq!(c.rc, Some(0), "{name}:\n{}", c.text());
     assert!(c.out.iter().any(|l| l == want), "{name} does not say {want:?}:\n{}", c.text());
+}
+
+/// Per binary of a `doctor --json` report: path, lowest load, the guest_base verdict for the page size
+/// doctor assumed, the verdict for 4K/16K/64K pages, and the interpreter's plan mode.
+fn doctor_verdicts(report: &Value) -> Vec<Value> {
+    let bins = report["binaries"].as_array().unwrap_or_else(|| panic!("no binaries in {report:#}"));
+    bins.iter()
+        .map(|b| {
+            json!({
+                "path": b["path"],
+                "lowest_load": b["lowest_load"],
+                "elf_type": b["elf_type"],
+                "page_size": b["guest_base"]["page_size"],
+                "risk": b["guest_base"]["risk"],
+                "by_page_size": b["guest_base"]["by_page_size"],
+                "plan": b["plan"]["mode"],
+            })
+        })
+        .collect()
+}
+
+fn verdict(path: &str, lo: &str, page: u64, risk: bool, by: [bool; 3], plan: &str) -> Value {
+    json!({
+        "path": path,
+        "lowest_load": lo,
+        "elf_type": "ET_EXEC",
+        "page_size": page,
+        "risk": risk,
+        "by_page_size": {"4096": by[0], "16384": by[1], "65536": by[2]},
+        "plan": plan,
+    })
 }
 
 #[test]
@@ -85,7 +117,7 @@ fn on_16k_pages_a_plain_binfmt_entry_for_qemu_fails_the_same_way() {
 #[test]
 fn on_16k_pages_nixqimg_as_the_binfmt_interpreter_runs_all_three_with_their_exact_argv() {
     let b = boot_16k();
-    assert_case(b, "nixqimg_register", 0, &[]);
+    assert_eq!(b.case("nixqimg_register").rc, Some(0), "{}", b.case("nixqimg_register").text());
     let entry = b.case("nixqimg_entry");
     assert!(entry.out.iter().any(|l| l == "interpreter /usr/bin/nixqimg"), "{}", entry.text());
     assert!(entry.out.iter().any(|l| l == "flags: PF"), "{}", entry.text());
@@ -113,6 +145,68 @@ fn on_16k_pages_nixqimg_predicts_the_failure_for_0x3ff000_and_goes_loader_first(
 }
 
 #[test]
+fn on_16k_pages_doctor_predicts_the_failure_for_0x3ff000_not_0x400000_and_for_0x3fc000_only_on_64k_pages() {
+    let b = boot_16k();
+    let s = store();
+    let c = b.case("doctor_json");
+    assert_eq!(c.rc, Some(0), "{}", c.text());
+    let r = c.json();
+    assert_eq!(r["host"]["page_size"], 16384);
+    assert_eq!(r["host"]["systems"][0]["served_by"], "nixqimg-x86_64", "{r:#}");
+    assert_eq!(
+        doctor_verdicts(&r),
+        vec![
+            verdict(&format!("{s}/bin/argv"), "0x3ff000", 16384, true, [false, true, true], "loader-first"),
+            verdict(&format!("{s}/bin/argv-16k"), "0x3fc000", 16384, false, [false, false, true], "direct"),
+            verdict("/opt/argv-400000", "0x400000", 16384, false, [false, false, false], "direct"),
+        ]
+    );
+    // Served by nixqimg, the predicted failure is avoided: no problem to report.
+    assert_eq!(r["problems"], 0, "{:#}", r["findings"]);
+
+    // Asked for 64K pages, doctor says the 16K-aligned program would fail there, and nixqimg would
+    // then run it loader-first.
+    let c = b.case("doctor_64k");
+    let r = c.json();
+    assert_eq!((r["host"]["page_size"].clone(), r["host"]["assumed_page_size"].clone()), (json!(16384), json!(65536)));
+    assert_eq!(
+        doctor_verdicts(&r),
+        vec![verdict(&format!("{s}/bin/argv-16k"), "0x3fc000", 65536, true, [false, false, true], "loader-first")]
+    );
+}
+
+#[test]
+fn on_16k_pages_doctor_names_the_fix_when_plain_qemu_serves_x86_64() {
+    let b = boot_16k();
+    let c = b.case("doctor_plain");
+    // doctor exits 1 when it found a problem.
+    assert_eq!(c.rc, Some(1), "{}", c.text());
+    let problem = format!("problem: {}/bin/argv: guest_base: lowest load 0x3ff000", store());
+    let at =
+        c.out.iter().position(|l| l.starts_with(&problem)).unwrap_or_else(|| panic!("no {problem:?}:\n{}", c.text()));
+    assert_eq!(
+        c.out.get(at + 1).map(|l| l.trim()),
+        Some("fix: nixqimg register --replace x86_64-linux"),
+        "{}",
+        c.text()
+    );
+}
+
+#[test]
+fn on_16k_pages_doctor_try_shows_direct_failing_and_loader_first_running() {
+    let b = boot_16k();
+    let r = b.case("doctor_try").json();
+    let tries = &r["binaries"][0]["tries"];
+    let direct = &tries[0];
+    assert_eq!((direct["strategy"].as_str(), direct["exit_code"].as_i64()), (Some("direct"), Some(1)), "{tries:#}");
+    let first_line = direct["stderr"].as_str().unwrap_or("").lines().next().unwrap_or("").to_string();
+    assert_eq!(first_line, format!("qemu-x86_64: {}/bin/argv: {GUEST_BASE}", store()));
+    let lf = &tries[1];
+    assert_eq!((lf["strategy"].as_str(), lf["exit_code"].as_i64()), (Some("loader-first"), Some(0)), "{tries:#}");
+    assert_eq!(lf["stdout"], format!("argv: [{}/bin/argv]\n", store()));
+}
+
+#[test]
 fn on_4k_pages_everything_runs_and_nothing_is_predicted_to_fail() {
     let b = boot_4k();
     eprintln!("4K boot took {:?}", b.took);
@@ -129,5 +223,31 @@ fn on_4k_pages_everything_runs_and_nothing_is_predicted_to_fail() {
     for (name, lo) in [("explain_3ff", "0x3ff000"), ("explain_3fc", "0x3fc000"), ("explain_400", "0x400000")] {
         assert_explain(b, name, &format!("# lowest load address {lo}; host page size 4096: qemu can place it"));
     }
-    assert!(!b.log.contains("guest_base"), "serial log:\n{}", b.log);
+    let s = store();
+    let r = b.case("doctor_json").json();
+    assert_eq!(r["host"]["page_size"], 4096);
+    // Nothing fails here, though doctor still tells what 16K/64K hosts would do.
+    assert_eq!(
+        doctor_verdicts(&r),
+        vec![
+            verdict(&format!("{s}/bin/argv"), "0x3ff000", 4096, false, [false, true, true], "direct"),
+            verdict(&format!("{s}/bin/argv-16k"), "0x3fc000", 4096, false, [false, false, true], "direct"),
+            verdict("/opt/argv-400000", "0x400000", 4096, false, [false, false, false], "direct"),
+        ]
+    );
+    assert_eq!(r["problems"], 0, "{:#}", r["findings"]);
+    let plain = b.case("doctor_plain");
+    assert_eq!(plain.rc, Some(0), "{}", plain.text());
+    assert!(!plain.out.iter().any(|l| l.starts_with("problem:")), "{}", plain.text());
+    let tries = b.case("doctor_try").json()["binaries"][0]["tries"].clone();
+    let codes: Vec<_> =
+        tries.as_array().unwrap().iter().map(|t| (t["strategy"].clone(), t["exit_code"].clone())).collect();
+    assert_eq!(codes, vec![(json!("direct"), json!(0)), (json!("loader-first"), json!(0))]);
+    assert_eq!(tries[0]["stderr"], "", "{tries:#}");
+    // The 64K prediction does not depend on the host it is made on.
+    let r = b.case("doctor_64k").json();
+    assert_eq!(
+        doctor_verdicts(&r),
+        vec![verdict(&format!("{s}/bin/argv-16k"), "0x3fc000", 65536, true, [false, false, true], "loader-first")]
+    );
 }

@@ -41,6 +41,10 @@ impl Case {
     pub fn text(&self) -> String {
         self.out.join("\n")
     }
+    /// The output as JSON (`doctor --json`); anything else fails the test with the output.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.text()).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", self.text()))
+    }
 }
 
 pub struct Boot {
@@ -74,6 +78,7 @@ fn assemble() -> Parts {
     let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let out = tmp.join("guest-base-vm");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vm_support/assemble");
+    let start = Instant::now();
     let res = Command::new(&script)
         .arg(tmp.join("debcache-trixie"))
         .arg(&out)
@@ -81,6 +86,7 @@ fn assemble() -> Parts {
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     assert!(res.status.success(), "{} failed ({})", script.display(), res.status);
+    eprintln!("assembling the VM parts took {:?}", start.elapsed());
     let text = String::from_utf8_lossy(&res.stdout).into_owned();
     let kv: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
     let get = |k: &str| kv.get(k).map(|v| v.to_string()).unwrap_or_else(|| panic!("assemble printed no {k}:\n{text}"));
