@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand};
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,12 +69,13 @@ fn parse_strategy(s: &str) -> std::result::Result<Strategy, String> {
     s.parse().map_err(|_| format!("'{s}' is not auto, direct or loader-first"))
 }
 
-pub fn main(args: Vec<OsString>) -> ExitCode {
+/// Parses and runs one command; returns the process exit code.
+pub fn main(args: Vec<OsString>) -> u8 {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { code::USAGE } else { 0 });
+            return if e.use_stderr() { code::USAGE } else { 0 };
         }
     };
     let _log = logging::init(std::env::var("NIXQIMG_LOG").ok().as_deref(), None);
@@ -95,10 +95,10 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Cmd::Bootloader(a) => crate::bootloader::run(a),
     };
     match res {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "nixqimg: {e}");
-            ExitCode::from(e.code)
+            e.code
         }
     }
 }

@@ -26,6 +26,8 @@ const MAX_STRTAB_WINDOW: u64 = 256 * 1024;
 const MAX_STR: usize = 8192;
 /// Programs with more than this many DT_NEEDED are real, but we only check the first ones.
 const MAX_NEEDED: usize = 64;
+/// Largest address span of all PT_LOAD segments together.
+const MAX_IMAGE_SPAN: u64 = 64 << 30;
 
 const DT_NULL: u64 = 0;
 const DT_NEEDED: u64 = 1;
@@ -239,8 +241,13 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
             _ => {}
         }
     }
-    if facts.lowest_load.is_none() {
+    let (Some(lo), Some(hi)) = (facts.lowest_load, facts.highest_load) else {
         return Err(ElfError::Malformed("no PT_LOAD segment"));
+    };
+    // qemu-user reserves and tracks the whole image span up front; a damaged size of a terabyte makes
+    // it grind for minutes instead of failing. No real program's image spans this much.
+    if hi - lo > MAX_IMAGE_SPAN {
+        return Err(ElfError::Malformed("the loaded segments span more than 64 GiB"));
     }
     // Static programs (and static-pie) have nothing more the planner uses.
     if let (Some(dynph), true) = (dynamic, facts.interp.is_some()) {

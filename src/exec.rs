@@ -37,11 +37,11 @@ impl Probe for RealProbe {
             }
         }
         // Otherwise look for the option's own spelling in the loader (it is in its usage text).
+        // One read of the whole (bounded) file: small growing reads cost more than the scan.
         use std::io::Read;
-        let Ok(f) = std::fs::File::open(loader) else {
-            return false;
-        };
-        let mut buf = Vec::new();
+        let Ok(f) = std::fs::File::open(loader) else { return false };
+        let size = f.metadata().map_or(0, |m| m.len()).min(MAX_LOADER_SCAN);
+        let mut buf = Vec::with_capacity(size as usize + 1);
         if f.take(MAX_LOADER_SCAN).read_to_end(&mut buf).is_err() {
             return false;
         }

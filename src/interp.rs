@@ -17,7 +17,6 @@ use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 /// Name under which nixqimg assumes `P`-style argv even where the kernel does not set AT_FLAGS
 /// (Linux < 5.12): register a symlink with this name.
@@ -35,7 +34,8 @@ struct Fail {
     code: u8,
 }
 
-pub fn main(args: Vec<OsString>) -> ExitCode {
+/// Runs the interpreter; returns the exit code only when it could not exec qemu.
+pub fn main(args: Vec<OsString>) -> u8 {
     let path = args.get(1).cloned().unwrap_or_default();
     match run(args) {
         Ok(never) => match never {},
@@ -48,7 +48,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             }
             line.push(b'\n');
             let _ = std::io::stderr().write_all(&line);
-            ExitCode::from(f.code)
+            f.code
         }
     }
 }

@@ -192,9 +192,11 @@ fn find_loader(
         }
     };
     let path = Path::new(req.path);
-    let roots = [Some(path.to_path_buf()), probe.canonicalize(path)];
-    for p in roots.iter().flatten() {
-        if let Some(root) = bootstrap_tools_root(p) {
+    // The path as exec'd first; resolving symlinks costs a readlink per component, so only if needed.
+    let root =
+        bootstrap_tools_root(path).or_else(|| probe.canonicalize(path).as_deref().and_then(bootstrap_tools_root));
+    {
+        if let Some(root) = root {
             let lib = root.join("lib");
             for n in [name.as_path(), Path::new(arch.loader)] {
                 if let Some(l) = try_at(lib.join(n), &mut looked) {

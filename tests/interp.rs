@@ -31,6 +31,9 @@ env -i A=1 PROBE_MODE=spawn PROBE_SELF="$PROG" "$PROG"; echo "status=$?"
     assert_eq!(r[0].argv, want, "{prog:?}");
     // Only stdin, stdout, stderr: nothing of nixqimg's or qemu's leaks into the program.
     assert_eq!(r[0].fds, ["0", "1", "2"], "{prog:?}");
+    // Signal dispositions are the caller's: an interpreter that ignored SIGPIPE (as Rust's runtime
+    // does by default) would hand `yes | head` an ignored SIGPIPE.
+    assert_eq!(r[0].sigpipe, "default", "{prog:?}");
 
     // The whole environment: nothing added, nothing lost; LD_* is handed to the guest through qemu's
     // -E (so it comes first) and is absent from qemu's own environment.

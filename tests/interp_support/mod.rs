@@ -204,6 +204,8 @@ pub struct Report {
     pub qenv: Vec<Vec<u8>>,
     pub fds: Vec<String>,
     pub exe: String,
+    /// The guest's SIGPIPE disposition.
+    pub sigpipe: String,
 }
 
 fn unhex(s: &str) -> Vec<u8> {
@@ -226,6 +228,7 @@ pub fn reports(out: &[u8]) -> Vec<Report> {
             "qenv" => r.qenv.push(unhex(v)),
             "fd" => r.fds.push(v.to_string()),
             "exe" => r.exe = v.to_string(),
+            "sigpipe" => r.sigpipe = v.to_string(),
             _ => {}
         }
     }

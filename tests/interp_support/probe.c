@@ -43,6 +43,9 @@ static void report(int argc, char **argv) {
       if (de->d_name[0] != '.' && atoi(de->d_name) != self) printf("fd=%s\n", de->d_name);
     closedir(d);
   }
+  struct sigaction sa;
+  sigaction(SIGPIPE, NULL, &sa);
+  printf("sigpipe=%s\n", sa.sa_handler == SIG_IGN ? "ignored" : "default");
   char exe[4096];
   ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
   if (n > 0) { exe[n] = 0; printf("exe=%s\n", exe); }
