@@ -73,12 +73,9 @@
       nixosModules = {
         cloud-image = ./nixos-module/cloud-image.nix;
         binfmt = ./nixos-module/binfmt.nix;
-        default = {
-          imports = [
-            ./nixos-module/binfmt.nix
-            ./nixos-module/cloud-image.nix
-          ];
-        };
+        # Only the binfmt module: it does nothing until enabled, while importing cloud-image turns
+        # a configuration into a cloud image.
+        default = ./nixos-module/binfmt.nix;
       };
 
       overlays.default = final: prev: {
