@@ -46,7 +46,7 @@ let
 
   drives = lib.concatStringsSep " " [
     "-m 1536 -smp 2"
-    "-drive file=${image}/nixos.qcow2,format=qcow2,if=none,id=disk,snapshot=on -device virtio-blk-pci,drive=disk"
+    "-drive file=@DISK@,format=qcow2,if=none,id=disk -device virtio-blk-pci,drive=disk"
     "-drive file=${seed},format=raw,if=none,id=seed,readonly=on -device virtio-blk-pci,drive=seed"
     "-nic user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:@PORT@-:22"
   ];
@@ -71,9 +71,15 @@ pkgs.testers.runNixOSTest {
             capture_output=True, text=True, timeout=120,
         )
 
+    tmp = os.environ.get("TMPDIR", "/tmp")
+
     def boot(name, firmware_flags, port):
+        # An 8 GiB disk over the (smaller) image, as a cloud provider gives one: the root must grow.
+        disk = os.path.join(tmp, f"{name}.qcow2")
+        subprocess.run(["${pkgs.qemu-utils}/bin/qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
+                        "-b", "${image}/nixos.qcow2", disk, "8G"], check=True)
         vm = create_machine(
-            f"${qemu} {firmware_flags} ${drives}".replace("@PORT@", str(port)),
+            f"${qemu} {firmware_flags} ${drives}".replace("@PORT@", str(port)).replace("@DISK@", disk),
             name=name,
         )
         vm.start()
@@ -84,15 +90,17 @@ pkgs.testers.runNixOSTest {
         print(status.stdout, status.stderr)
         t.assertIn("status: done", status.stdout)
         t.assertEqual(ssh(port, "hostname").stdout.strip(), "${hostname}")
-        # growpart and resize2fs ran: the root filesystem is the ext4 labelled nixos.
-        t.assertIn("nixos", ssh(port, "lsblk -no LABEL $(findmnt -no SOURCE /)").stdout)
+        # The root is the ext4 labelled nixos, and growpart + resize grew it to the 8 GiB disk.
+        t.assertEqual(ssh(port, "lsblk -no LABEL $(findmnt -no SOURCE /)").stdout.strip(), "nixos")
+        size = int(ssh(port, "df -B1 --output=size / | tail -1").stdout.strip())
+        t.assertGreater(size, 6 * 2**30, "the root filesystem did not grow to the disk")
         # No password logins: keys only.
         t.assertIn("passwordauthentication no", ssh(port, "sshd -T").stdout.lower())
         # The image carries a configuration that reproduces it.
         t.assertEqual(ssh(port, "test -e /etc/nixos/configuration.nix && nix-instantiate --parse /etc/nixos/configuration.nix >/dev/null").returncode, 0)
         vm.crash()
 
-    vars = os.path.join(os.environ.get("TMPDIR", "/tmp"), "vars.fd")
+    vars = os.path.join(tmp, "vars.fd")
     shutil.copy("${pkgs.OVMF.fd.variables}", vars)
     os.chmod(vars, 0o600)
     with subtest("UEFI boot, cloud-init, ssh with the seeded key"):
