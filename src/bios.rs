@@ -472,8 +472,9 @@ fn write_at(f: &mut File, off: u64, data: &[u8]) -> Result<()> {
 /// `syslinux --install --offset <ESP> disk` + `dd if=gptmbr.bin of=disk bs=440 count=1` +
 /// `sfdisk --part-attrs disk <ESP> LegacyBIOSBootable`.
 ///
-/// The ESP must already hold a FAT16/FAT32 filesystem (its hidden-sectors field is set to the
-/// partition's start if it is not, as mkfs.vfat --offset would have). Writes `/ldlinux.sys` and `/ldlinux.c32` (mtools, like the real
+/// The ESP must already hold a FAT16/FAT32 filesystem. Its hidden-sectors field is left as it is, as
+/// the real installer leaves it: gptmbr.bin hands SYSLINUX's boot sector the partition's start
+/// (mkfs.vfat --offset leaves the field 0 on an image file, and that boots). Writes `/ldlinux.sys` and `/ldlinux.c32` (mtools, like the real
 /// installer; `epoch` is handed to mcopy as SOURCE_DATE_EPOCH so the image stays reproducible),
 /// patches them in place, merges SYSLINUX's boot sector into the ESP's, puts gptmbr.bin into the MBR
 /// and marks the ESP LegacyBIOSBootable. The configuration, `/syslinux.cfg`, is `bootloader::render`'s.
@@ -482,21 +483,6 @@ pub fn install(disk: &mut File, files: &BiosFiles, epoch: Option<u64>) -> Result
     let base = esp_lba * 512;
     let mut vbr = read_at(disk, base, SECTOR)?;
     let fat = parse_fat(&vbr).map_err(|e| Error::new(format!("ESP: {e}")))?;
-    if u64::from(get32(&vbr, 28)) != esp_lba {
-        // SYSLINUX's boot sector adds the hidden-sectors count to every LBA it reads; FAT writers that
-        // do not know the partition (fatfs, mkfs.vfat without --offset) leave it 0. FAT32 keeps a
-        // backup boot sector, which gets the same value.
-        let lba =
-            u32::try_from(esp_lba).map_err(|_| Error::new("ESP starts beyond 2 TiB, past what a FAT BPB holds"))?;
-        put32(&mut vbr, 28, lba);
-        write_at(disk, base, &vbr)?;
-        let bk = u64::from(get16(&vbr, 50));
-        if fat.fat32_root.is_some() && bk != 0 && bk < u64::from(get16(&vbr, 14)) {
-            let mut b = read_at(disk, base + bk * 512, SECTOR)?;
-            put32(&mut b, 28, lba);
-            write_at(disk, base + bk * 512, &b)?;
-        }
-    }
     let img = format!("/proc/{}/fd/{}@@{}", std::process::id(), disk.as_raw_fd(), base);
     let mtools = |args: &[&str], stdin: Option<&[u8]>| -> Result<bool> {
         let mut c = Command::new(args[0]);

@@ -14,8 +14,8 @@
 //!   by one space); other keys ignored. Paths take `/` for `\` and get a leading `/`;
 //! - order: newest first: by the last run of digits in the entry's id (numerically), then by id;
 //! - default: loader.conf's `default` (id with or without `.conf`, `*` and `?` globs), else the first;
-//! - timeout: loader.conf's `timeout` seconds (× 10 for SYSLINUX, capped at 35996); `menu-force`
-//!   waits forever; absent, 0 or `menu-hidden` boots at once.
+//! - timeout: loader.conf's `timeout` (digits only) seconds × 10 for SYSLINUX, capped at 35996;
+//!   `menu-force` waits forever; absent, 0, anything else boots the default at once.
 //!
 //! Kernel parameters go to `APPEND` verbatim: SYSLINUX hands the rest of that line to the kernel
 //! unchanged, so quotes mean to the kernel what they meant in systemd-boot's `options`. What SYSLINUX
@@ -198,6 +198,9 @@ fn check_path(at: &str, what: &str, p: &str, exists: &dyn Fn(&str) -> bool) -> V
     }
 }
 
+/// SYSLINUX's longest TIMEOUT, in tenths of a second (just under an hour).
+const MAX_TIMEOUT: u64 = 35996;
+
 /// syslinux.cfg for the entries that passed `check`, in `order`.
 pub fn render(conf: &LoaderConf, entries: &[Entry]) -> String {
     let default = conf
@@ -210,11 +213,12 @@ pub fn render(conf: &LoaderConf, entries: &[Entry]) -> String {
         .or(entries.first());
     let (prompt, timeout) = match conf.timeout.as_deref() {
         Some("menu-force") => (1, 0),
-        Some(t) => match t.parse::<u64>() {
-            Ok(n) if n > 0 => (1, (n.saturating_mul(10)).min(35996)),
-            _ => (0, 0),
+        Some(t) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => match t.trim_start_matches('0') {
+            "" => (0, 0),
+            n if n.len() > 5 => (1, MAX_TIMEOUT),
+            n => (1, n.parse::<u64>().map_or(MAX_TIMEOUT, |n| (n * 10).min(MAX_TIMEOUT))),
         },
-        None => (0, 0),
+        _ => (0, 0),
     };
     let mut s =
         String::from("# Written by nixqimg bootloader sync from loader/entries: changes here are overwritten.\n");
@@ -267,12 +271,14 @@ fn sync(esp: &Path) -> Result<()> {
     entries.sort_by(order);
     let exists = |p: &str| esp.join(p.trim_start_matches('/')).is_file();
     let mut problems = Vec::new();
+    let before = entries.len();
     entries.retain(|e| {
         let why = check(e, &exists);
         let ok = why.is_empty();
         problems.extend(why);
         ok
     });
+    let dropped = before - entries.len();
     let mut err = std::io::stderr();
     for p in &problems {
         let _ = writeln!(err, "nixqimg: {p} (entry left out of syslinux.cfg)");
@@ -294,7 +300,7 @@ fn sync(esp: &Path) -> Result<()> {
         Error::io(&out, e)
     })?;
     if !problems.is_empty() {
-        return Err(Error::new(format!("{} entries left out of {}", problems.len(), out.display()))
+        return Err(Error::new(format!("{dropped} of {before} entries left out of {}", out.display()))
             .hint("see the lines above; BIOS boots only what syslinux.cfg lists"));
     }
     Ok(())
@@ -349,6 +355,9 @@ mod tests {
         assert!(t(Some("99999")).contains("PROMPT 1\nTIMEOUT 35996\n"));
         assert!(t(Some("menu-force")).contains("PROMPT 1\nTIMEOUT 0\n"));
         assert!(t(Some("menu-hidden")).contains("PROMPT 0\nTIMEOUT 0\n"));
+        assert!(t(Some("+5")).contains("PROMPT 0\nTIMEOUT 0\n"));
+        assert!(t(Some("0003")).contains("PROMPT 1\nTIMEOUT 30\n"));
+        assert!(t(Some("123456789012345678901234")).contains("PROMPT 1\nTIMEOUT 35996\n"));
     }
 
     #[test]
