@@ -140,9 +140,12 @@ fn check_dest(a: &Args) -> Result<Dest> {
     let fam = family(Path::new("/sys/dev/block"), dev);
     let fam = if fam.is_empty() { vec![(dev, shown.to_string())] } else { fam };
     if let Some(why) = in_use(&fam, &mounts, &swaps()) {
-        return Err(
-            Error::new(format!("refusing to write {shown}: {why}")).hint("unmount it first, or pick another disk")
-        );
+        let hint = if why.starts_with("it is the disk holding /") {
+            "pick another disk: this one runs the system"
+        } else {
+            "unmount it first, or pick another disk"
+        };
+        return Err(Error::new(format!("refusing to write {shown}: {why}")).hint(hint));
     }
     let size = File::open(&a.dest).and_then(|mut f| f.seek(SeekFrom::End(0))).map_err(|e| Error::io(&a.dest, e))?;
     if !a.yes {
@@ -355,10 +358,13 @@ fn stream(a: &Args) -> Result<(Box<dyn Read>, Option<std::process::Child>, Optio
     if head != ZSTD_MAGIC {
         return Ok((Box::new(std::io::Cursor::new(head).chain(std::io::stdin())), None, None));
     }
-    let mut child =
-        Command::new("zstd").args(["-d", "-c", "-q"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().map_err(
-            |e| Error::new(format!("cannot run zstd: {e}")).hint("install the Debian package zstd").code(127),
-        )?;
+    let mut child = Command::new("zstd")
+        .args(["-d", "-c", "-q"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::new(format!("cannot run zstd: {e}")).hint("install the Debian package zstd").code(127))?;
     let mut to = child.stdin.take().ok_or_else(|| Error::new("zstd has no stdin"))?;
     let from = child.stdout.take().ok_or_else(|| Error::new("zstd has no stdout"))?;
     std::thread::spawn(move || {
@@ -405,9 +411,17 @@ pub fn run(a: Args) -> Result<()> {
     let res = copy(&mut src, &mut out, &a.dest, matches!(dest, Dest::File), total);
     drop(src);
     if let Some(mut c) = child {
+        let mut said = String::new();
+        if let Some(mut e) = c.stderr.take() {
+            let _ = e.read_to_string(&mut said);
+        }
         let st = c.wait().map_err(|e| Error::new(format!("waiting for zstd: {e}")))?;
         if !st.success() {
-            return Err(Error::new(format!("zstd could not decode stdin ({st})")).hint("is it a complete .zst file?"));
+            // zstd's own words, on one line: "/*stdin*\ : Read error (39) : premature end".
+            let said = said.split_whitespace().collect::<Vec<_>>().join(" ");
+            return Err(
+                Error::new(format!("zstd could not decode stdin ({st}): {said}")).hint("is it a complete .zst file?")
+            );
         }
     }
     let (len, hashes) = res?;
