@@ -377,7 +377,7 @@ pub fn patch(ldlinux: &mut [u8], bootsect: &mut [u8], sectors: &[u64]) -> std::r
     Ok(())
 }
 
-/// `generate_extents`: runs of consecutive sectors, each under 64 KiB and not crossing a 64 KiB
+/// `generate_extents`: runs of consecutive sectors, each under 64 KiB, no sector straddling a 64 KiB
 /// boundary of the load address (ldlinux.sys loads at 0x8000).
 fn extents(sectors: &[u64]) -> Vec<(u64, u16)> {
     let mut out = Vec::new();
@@ -558,9 +558,10 @@ mod tests {
     fn extents_split_on_gaps_and_64k() {
         let s: Vec<u64> = (100..300).collect();
         let ex = extents(&s);
-        // 0x8000 load address: the first run ends at the 64 KiB boundary (64 sectors), then 127.
-        assert_eq!(ex[0], (100, 64));
-        assert_eq!(ex[1], (164, 127));
+        // A run stays under 64 KiB (127 sectors); a sector never straddles a 64 KiB boundary of
+        // the load address, which sector-aligned loads from 0x8000 never do.
+        assert_eq!(ex[0], (100, 127));
+        assert_eq!(ex[1], (227, 73));
         assert_eq!(ex.iter().map(|e| u64::from(e.1)).sum::<u64>(), 200);
         assert_eq!(extents(&[5, 6, 9, 10]), vec![(5, 2), (9, 2)]);
     }
@@ -600,5 +601,33 @@ mod tests {
         bin[1500] = 1;
         bin[4096..4103].copy_from_slice(b"\x7fELF\x01\x01\x01");
         assert!(by_shape(&bin).unwrap_err().contains("not confirmed"));
+    }
+
+    #[test]
+    fn symbols_and_shapes_find_the_same_bytes() {
+        // Debian's installer is stripped (found by shape); the same arrays in an object that keeps
+        // its symbols, as nixpkgs' `strip -S` leaves bin/.syslinux-wrapped, must read back the same.
+        let bin = std::fs::read("/usr/bin/syslinux").expect("/usr/bin/syslinux: install the Debian package syslinux");
+        assert_eq!(by_symbols(&bin).unwrap(), None, "Debian's installer was expected to be stripped");
+        let (bs, ld, c32) = by_shape(&bin).unwrap();
+        assert_eq!((bs.len(), ld.len() % SECTOR), (SECTOR, 0));
+        assert_eq!(&c32[..4], b"\x7fELF");
+        let dir = std::env::temp_dir().join(format!("nixqimg-bios-sym-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = String::new();
+        for (name, data) in [("syslinux_bootsect", &bs), ("syslinux_ldlinux", &ld), ("syslinux_ldlinuxc32", &c32)] {
+            let bytes: Vec<String> = data.iter().map(|b| b.to_string()).collect();
+            c.push_str(&format!(
+                "unsigned char {name}[] = {{{}}};\nconst unsigned int {name}_len = {};\nconst int {name}_mtime = 0;\n",
+                bytes.join(","),
+                data.len()
+            ));
+        }
+        std::fs::write(dir.join("arrays.c"), c).unwrap();
+        let st = Command::new("cc").arg("-c").arg(dir.join("arrays.c")).arg("-o").arg(dir.join("arrays.o")).status();
+        assert!(st.expect("cc: install gcc").success());
+        let obj = std::fs::read(dir.join("arrays.o")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(by_symbols(&obj).unwrap(), Some((bs, ld, c32)));
     }
 }

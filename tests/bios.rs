@@ -1,0 +1,165 @@
+//! BIOS boot: `nixqimg bootloader install` (SYSLINUX from the target package's bytes, installed by
+//! nixqimg's own code) leaves exactly the bytes the real `syslinux --install --offset` + gptmbr.bin +
+//! `sfdisk --part-attrs ... LegacyBIOSBootable` leave, and the result boots under SeaBIOS; a second
+//! generation added on the image file with mtools and `bios-sync.sh` boots with its own parameters.
+
+mod bios_support;
+
+use bios_support::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn tmp_path(rel: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("bios").join(rel)
+}
+
+fn same_bytes(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(x.len(), y.len());
+    let diff: Vec<usize> = (0..x.len()).filter(|&i| x[i] != y[i]).take(8).collect();
+    assert!(diff.is_empty(), "{} and {} differ at bytes {diff:?}", a.display(), b.display());
+}
+
+/// Both installers on copies of one blank disk, then byte for byte.
+fn compare(name: &str, disk_mib: u64, esp_sectors: u64, fat: u32, prepare: impl Fn(&Path)) {
+    let dir = tmp(name);
+    let base = dir.join("base.img");
+    blank_disk(&base, disk_mib, esp_sectors, fat);
+    prepare(&base);
+    let (real, ours) = (dir.join("real.img"), dir.join("nixqimg.img"));
+    std::fs::copy(&base, &real).unwrap();
+    std::fs::copy(&base, &ours).unwrap();
+    real_syslinux_install(&real);
+    nixqimg_install(&ours);
+    same_bytes(&real, &ours);
+    // And the installer changed something: the comparison is not of two untouched copies.
+    assert_ne!(std::fs::read(&base).unwrap(), std::fs::read(&ours).unwrap());
+}
+
+#[test]
+fn install_matches_syslinux_on_fat32() {
+    compare("fat32", 80, 131072, 32, |_| {});
+}
+
+#[test]
+fn install_matches_syslinux_on_fat16() {
+    compare("fat16", 40, 65536, 16, |_| {});
+}
+
+#[test]
+fn install_matches_syslinux_when_ldlinux_sys_is_fragmented() {
+    // A full FAT with holes between files: ldlinux.sys can only land in pieces, so the sector
+    // extents, the first-sector pointer and the ADV pointers are not one run.
+    compare("fragmented", 40, 65536, 16, |img| {
+        let dir = img.parent().unwrap();
+        let put = |name: &str, len: usize| {
+            let f = dir.join(name);
+            std::fs::write(&f, vec![0x5a; len]).unwrap();
+            run(Command::new("mcopy")
+                .env("SOURCE_DATE_EPOCH", EPOCH)
+                .arg("-i")
+                .arg(mtools_img(img))
+                .arg(&f)
+                .arg("::/"));
+        };
+        for i in 0..12 {
+            put(&format!("f{i}"), 40_000 + 512 * i);
+        }
+        let listing = run(Command::new("mdir").arg("-i").arg(mtools_img(img)).arg("::/"));
+        let free_line = listing.lines().find(|l| l.contains("bytes free")).expect("mdir printed no free space");
+        let free: usize = free_line.chars().filter(char::is_ascii_digit).collect::<String>().parse().unwrap();
+        put("filler", free);
+        for i in (1..12).step_by(2) {
+            run(Command::new("mdel").arg("-i").arg(mtools_img(img)).arg(format!("::/f{i}")));
+        }
+    });
+    let shown = run(Command::new("mshowfat")
+        .arg("-i")
+        .arg(mtools_img(&tmp_path("fragmented/nixqimg.img")))
+        .arg("::/ldlinux.sys"));
+    assert!(shown.matches('<').count() > 1, "ldlinux.sys is in one piece, the case tests nothing: {shown}");
+}
+
+#[test]
+fn install_refuses_what_it_cannot_boot() {
+    let dir = tmp("refusals");
+    let img = dir.join("nogpt.img");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let out = nixqimg().args(["bootloader", "install", "--syslinux", "/", "--disk"]).arg(&img).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no GPT") && err.lines().count() == 1, "{err}");
+
+    let out =
+        nixqimg().args(["bootloader", "install", "--syslinux"]).arg(&dir).arg("--disk").arg(&img).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("no syslinux installer binary") && err.contains("syslinux-common"), "{err}");
+}
+
+/// Copies files into the image's ESP with mtools (no mounts), overwriting.
+fn mcopy_in(img: &Path, from: &Path, to: &str) {
+    run(Command::new("mcopy").args(["-o", "-s", "-i"]).arg(mtools_img(img)).arg(from).arg(to));
+}
+
+#[test]
+fn seabios_boots_generation_1_then_generation_2_added_by_bios_sync_sh() {
+    let dir = tmp("boot");
+    let img = dir.join("disk.img");
+    blank_disk(&img, 96, 147456, 32);
+
+    // The ESP as NixOS's systemd-boot installer lays it out, then `nixqimg bootloader sync`.
+    let esp = dir.join("esp");
+    std::fs::create_dir_all(esp.join("EFI/nixos")).unwrap();
+    std::fs::create_dir_all(esp.join("loader/entries")).unwrap();
+    std::fs::copy(kernel(), esp.join("EFI/nixos/k1-linux-bzImage.efi")).unwrap();
+    std::fs::copy(initramfs(&dir, "gen1"), esp.join("EFI/nixos/i1-initrd.efi")).unwrap();
+    std::fs::write(esp.join("loader/loader.conf"), "timeout 0\ndefault nixos-generation-1.conf\n").unwrap();
+    std::fs::write(
+        esp.join("loader/entries/nixos-generation-1.conf"),
+        "title NixOS\nversion Generation 1\nlinux /EFI/nixos/k1-linux-bzImage.efi\ninitrd /EFI/nixos/i1-initrd.efi\n\
+         options console=ttyS0,115200 panic=-1 nixqimg.gen=1 nixqimg.q=\"two words\"\n",
+    )
+    .unwrap();
+    run(nixqimg().args(["bootloader", "sync", "--esp"]).arg(&esp));
+    for part in ["EFI", "loader", "syslinux.cfg"] {
+        mcopy_in(&img, &esp.join(part), "::/");
+    }
+    nixqimg_install(&img);
+
+    let log = boot_bios(&img, Duration::from_secs(150));
+    assert!(log.contains("SYSLINUX"), "no SYSLINUX banner on the serial console:\n{log}");
+    let m = marker(&log, "gen1");
+    assert!(m.contains(" nixqimg.gen=1 nixqimg.q=\"two words\""), "{m}");
+    assert!(m.contains("BOOT_IMAGE=/EFI/nixos/k1-linux-bzImage.efi"), "{m}");
+    eprintln!("boot 1: {m}");
+
+    // nixos-rebuild on the machine: generation 2 written into the ESP, then extraInstallCommands runs
+    // bios-sync.sh. Here on the image file: mtools out, the script, mtools back in.
+    let esp2 = dir.join("esp2");
+    std::fs::create_dir_all(&esp2).unwrap();
+    run(Command::new("mcopy").args(["-s", "-i"]).arg(mtools_img(&img)).args(["::/loader", "::/EFI"]).arg(&esp2));
+    std::fs::copy(kernel(), esp2.join("EFI/nixos/k2-linux-bzImage.efi")).unwrap();
+    std::fs::copy(initramfs(&dir, "gen2"), esp2.join("EFI/nixos/i2-initrd.efi")).unwrap();
+    std::fs::write(
+        esp2.join("loader/entries/nixos-generation-2.conf"),
+        "title NixOS\nversion Generation 2\nlinux /EFI/nixos/k2-linux-bzImage.efi\ninitrd /EFI/nixos/i2-initrd.efi\n\
+         options console=ttyS0,115200 panic=-1 nixqimg.gen=2 nixqimg.q='it''s \"quoted\"'\n",
+    )
+    .unwrap();
+    std::fs::write(esp2.join("loader/loader.conf"), "timeout 0\ndefault nixos-generation-2.conf\n").unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("nixos-module/bios-sync.sh");
+    run(Command::new("sh").arg(&script).arg(&esp2));
+    let cfg = std::fs::read_to_string(esp2.join("syslinux.cfg")).unwrap();
+    assert!(cfg.contains("DEFAULT nixos-generation-2\n") && cfg.contains("LABEL nixos-generation-1\n"), "{cfg}");
+    for part in ["EFI", "loader", "syslinux.cfg"] {
+        mcopy_in(&img, &esp2.join(part), "::/");
+    }
+
+    let log = boot_bios(&img, Duration::from_secs(150));
+    let m = marker(&log, "gen2");
+    assert!(m.contains(" nixqimg.gen=2 nixqimg.q='it''s \"quoted\"'"), "{m}");
+    assert!(m.contains("BOOT_IMAGE=/EFI/nixos/k2-linux-bzImage.efi"), "{m}");
+    eprintln!("boot 2: {m}");
+}
