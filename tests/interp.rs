@@ -284,3 +284,19 @@ done
     assert!(refused > n / 3, "only {refused} of {n} refused by nixqimg:\n{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The shipped binary: fully static for x86_64 and aarch64 (it must run where no libc is visible,
+/// inside Nix sandboxes and bare initramfs VMs), as `file` reports it.
+#[test]
+fn static_binaries_build_for_both_architectures() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/build-static");
+    let out = std::process::Command::new(script).args(["x86_64", "aarch64"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let paths: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    for (path, arch) in paths.iter().zip(["x86-64", "ARM aarch64"]) {
+        let file = std::process::Command::new("file").arg("-L").arg(path).output().unwrap();
+        let text = String::from_utf8_lossy(&file.stdout);
+        assert!(text.contains(arch) && text.contains("statically linked"), "{text}");
+    }
+}
