@@ -339,7 +339,10 @@ fn write_qcow2(a: &Args, dest: &Dest) -> Result<u64> {
 }
 
 /// The image as a byte stream: a raw file, stdin, or stdin through `zstd -d` when it starts with a zstd frame.
-fn stream(a: &Args) -> Result<(Box<dyn Read>, Option<std::process::Child>, Option<u64>)> {
+/// The bytes, the decoder to reap (zstd), and the length when known.
+type Stream = (Box<dyn Read>, Option<std::process::Child>, Option<u64>);
+
+fn stream(a: &Args) -> Result<Stream> {
     if a.source.as_os_str() != "-" {
         let f = File::open(&a.source).map_err(|e| Error::io(&a.source, e))?;
         let len = f.metadata().map(|m| m.len()).ok();

@@ -39,7 +39,7 @@ fn x86_64_hybrid() -> &'static Image {
 fn boot(image: &Path, extra: &[&OsStr]) -> String {
     let _one = VM.lock().unwrap_or_else(|e| e.into_inner());
     let mut args: Vec<&OsStr> =
-        args!["run", image, "--accel", "tcg", "--snapshot", "--until", "NIXQIMG-BOOT-", "--timeout", "240"];
+        args!["run", image, "--accel", "tcg", "--snapshot", "--until", "NIXQIMG-BOOT-", "--timeout", "240"].to_vec();
     args.extend_from_slice(extra);
     let start = std::time::Instant::now();
     let (code, out, err) = nixqimg(&args);

@@ -10,9 +10,9 @@ use std::sync::Mutex;
 
 pub const NIXQIMG: &str = env!("CARGO_BIN_EXE_nixqimg");
 
-/// Command-line words of mixed types (str, Path, PathBuf) as `Vec<&OsStr>`.
+/// Command-line words of mixed types (str, Path, PathBuf) as an array of `&OsStr`.
 macro_rules! args {
-    ($($x:expr),* $(,)?) => { vec![$(std::convert::AsRef::<std::ffi::OsStr>::as_ref(&$x)),*] };
+    ($($x:expr),* $(,)?) => { [$(std::convert::AsRef::<std::ffi::OsStr>::as_ref(&$x)),*] };
 }
 
 pub fn need(tool: &str, package: &str) {
