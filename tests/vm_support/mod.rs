@@ -41,9 +41,15 @@ impl Case {
     pub fn text(&self) -> String {
         self.out.join("\n")
     }
-    /// The output as JSON (`doctor --json`); anything else fails the test with the output.
+    /// The JSON value the output starts with (`doctor --json`; stderr, merged in by /init, may follow
+    /// it); anything else fails the test with the output.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.text()).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", self.text()))
+        let text = self.text();
+        match serde_json::Deserializer::from_str(&text).into_iter().next() {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => panic!("not JSON ({e}):\n{text}"),
+            None => panic!("no JSON:\n{text}"),
+        }
     }
 }
 
