@@ -63,6 +63,8 @@ pub struct Probes {
     /// The probe, dynamic PIE; its PT_INTERP /lib/ld-linux-aarch64.so.1 is not on an x86_64 host,
     /// so nixqimg runs it loader-first with Debian's cross sysroot.
     pub dynamic: PathBuf,
+    /// tests/binfmt_support/fds.c: no libc, prints only its open fds (the load test's program).
+    pub fds: PathBuf,
 }
 
 /// The aarch64 probe programs (tests/binfmt_support/probe.c), built once per test binary.
@@ -74,12 +76,16 @@ pub fn probes() -> &'static Probes {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/binfmt_support/probe.c");
-        let build = |name: &str, flags: &[&str]| {
+        let build = |name: &str, flags: &[&str], src: &Path| {
             let out = dir.join(name);
-            run_ok(Command::new("aarch64-linux-gnu-gcc").args(["-O2", "-o"]).arg(&out).args(flags).arg(&src));
+            run_ok(Command::new("aarch64-linux-gnu-gcc").args(["-O2", "-o"]).arg(&out).args(flags).arg(src));
             out
         };
-        Probes { static_: build("probe-static", &["-static"]), dynamic: build("probe-dyn", &["-pie", "-fPIE"]) }
+        Probes {
+            static_: build("probe-static", &["-static"], &src),
+            dynamic: build("probe-dyn", &["-pie", "-fPIE"], &src),
+            fds: build("fds", &["-static", "-nostdlib", "-fno-stack-protector"], &src.with_file_name("fds.c")),
+        }
     })
 }
 
