@@ -4,11 +4,17 @@
 //! generation added on the image file with mtools and `bios-sync.sh` boots with its own parameters.
 
 mod bios_support;
+#[macro_use]
+mod boot_support;
 
 use bios_support::*;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::Duration;
+
+/// One VM at a time: the machine has two cores shared by everyone.
+static VM: Mutex<()> = Mutex::new(());
 
 fn tmp_path(rel: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("bios").join(rel)
@@ -128,7 +134,9 @@ fn seabios_boots_generation_1_then_generation_2_added_by_bios_sync_sh() {
     }
     nixqimg_install(&img);
 
+    let one = VM.lock().unwrap_or_else(|e| e.into_inner());
     let log = boot_bios(&img, Duration::from_secs(150));
+    drop(one);
     assert!(log.contains("SYSLINUX"), "no SYSLINUX banner on the serial console:\n{log}");
     let m = marker(&log, "gen1");
     assert!(m.contains(" nixqimg.gen=1 nixqimg.q=\"two words\""), "{m}");
@@ -157,9 +165,108 @@ fn seabios_boots_generation_1_then_generation_2_added_by_bios_sync_sh() {
         mcopy_in(&img, &esp2.join(part), "::/");
     }
 
+    let one = VM.lock().unwrap_or_else(|e| e.into_inner());
     let log = boot_bios(&img, Duration::from_secs(150));
+    drop(one);
     let m = marker(&log, "gen2");
     assert!(m.contains(" nixqimg.gen=2 nixqimg.q='it''s \"quoted\"'"), "{m}");
     assert!(m.contains("BOOT_IMAGE=/EFI/nixos/k2-linux-bzImage.efi"), "{m}");
     eprintln!("boot 2: {m}");
+}
+
+/// `nixqimg run IMAGE --firmware bios`: the whole console output (the fixture's marker included).
+fn run_bios(img: &Path) -> String {
+    let _one = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let (code, out, err) = boot_support::nixqimg(&args![
+        "run",
+        img,
+        "--firmware",
+        "bios",
+        "--accel",
+        "tcg",
+        "--snapshot",
+        "--until",
+        "NIXQIMG-BOOT-",
+        "--timeout",
+        "240",
+    ]);
+    assert_eq!(code, 0, "nixqimg run failed:\n{out}\n{err}");
+    out
+}
+
+#[test]
+fn hybrid_image_boots_a_generation_added_later_under_seabios() {
+    // issue 6, item 3: the image `nixqimg image` makes, booted under SeaBIOS; then what nixos-rebuild
+    // does to the ESP (a second entry, the default moved) plus the sync, on the image file with
+    // mtools; the next BIOS boot runs generation 2 with its own kernel parameters.
+    let toplevel = boot_support::system("x86_64");
+    let dir = tmp("hybrid");
+    let img = dir.join("nixos.raw");
+    let (code, out, err) = boot_support::nixqimg(&args![
+        "image",
+        "--toplevel",
+        toplevel,
+        "--out",
+        img,
+        "--format",
+        "raw",
+        "--boot",
+        "hybrid",
+        "--timeout",
+        "0",
+    ]);
+    assert_eq!(code, 0, "nixqimg image failed:\n{out}{err}");
+
+    // What this test owns is the loader: SYSLINUX ran from the hybrid image and the system's stage 2
+    // started (its own checks and marker belong to tests/boot.rs).
+    let log = run_bios(&img);
+    assert!(log.contains("SYSLINUX 6."), "no SYSLINUX banner on the serial console:\n{log}");
+    eprintln!("generation 1: {}", boot_support::marker(&log));
+    assert!(!log.contains("nixqimg.gen=2"), "{log}");
+
+    let esp = dir.join("esp");
+    std::fs::create_dir_all(&esp).unwrap();
+    run(Command::new("mcopy").args(["-s", "-i"]).arg(mtools_img(&img)).args(["::/loader", "::/EFI"]).arg(&esp));
+    let gen1 = std::fs::read_to_string(esp.join("loader/entries/nixos-generation-1.conf")).unwrap();
+    let gen2: String = gen1
+        .lines()
+        .map(|l| match l.split_once(' ') {
+            Some(("options", o)) => format!("options {o} ignore_loglevel nixqimg.gen=2 nixqimg.q=\"a b\"\n"),
+            Some(("version", v)) => format!("version {}\n", v.replace("Generation 1", "Generation 2")),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    assert!(gen2.contains("nixqimg.gen=2"), "no options line in generation 1's entry:\n{gen1}");
+    std::fs::write(esp.join("loader/entries/nixos-generation-2.conf"), &gen2).unwrap();
+    let conf = std::fs::read_to_string(esp.join("loader/loader.conf")).unwrap();
+    let conf: String =
+        conf.lines()
+            .map(|l| {
+                if l.starts_with("default ") {
+                    "default nixos-generation-2.conf\n".to_string()
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+    std::fs::write(esp.join("loader/loader.conf"), conf).unwrap();
+    run(nixqimg().args(["bootloader", "sync", "--esp"]).arg(&esp));
+    let cfg = std::fs::read_to_string(esp.join("syslinux.cfg")).unwrap();
+    assert!(cfg.contains("DEFAULT nixos-generation-2\n") && cfg.contains("LABEL nixos-generation-1\n"), "{cfg}");
+    for part in ["loader", "syslinux.cfg"] {
+        mcopy_in(&img, &esp.join(part), "::/");
+    }
+    // The image's own configuration was where the sync writes it: one syslinux.cfg, replaced.
+    let listing = run(Command::new("mdir").args(["-b", "-i"]).arg(mtools_img(&img)).arg("::/"));
+    assert_eq!(listing.lines().filter(|l| l.to_lowercase().contains("syslinux.cfg")).count(), 1, "{listing}");
+
+    let log = run_bios(&img);
+    eprintln!("generation 2: {}", boot_support::marker(&log));
+    let cmdline = log
+        .lines()
+        .find(|l| l.contains("Kernel command line:"))
+        .unwrap_or_else(|| panic!("ignore_loglevel did not show the command line:\n{log}"));
+    assert!(cmdline.contains(" ignore_loglevel nixqimg.gen=2 nixqimg.q=\"a b\""), "{cmdline}");
+    assert!(cmdline.contains(&format!("init={}/init ", toplevel.display())), "{cmdline}");
+    eprintln!("{}", cmdline.trim());
 }
