@@ -293,11 +293,11 @@ fn unsafe_reset_signals() -> Result<(), Errno> {
 
 pub fn run(a: Args) -> Result<()> {
     let (interpreter, warning) = crate::nix::interpreter(a.interpreter.as_deref())?;
+    let arches = crate::nix::systems(&a.systems, &interpreter)?;
+    crate::binfmt::normalize_flags(&a.flags)?;
     if let Some(w) = warning {
         eprintln!("nixqimg: warning: {w}");
     }
-    let arches = crate::nix::systems(&a.systems, &interpreter)?;
-    crate::binfmt::normalize_flags(&a.flags)?;
     let spec = Spec { arches, interpreter, flags: a.flags };
     let child = spawn(&spec, &a.command, None, None)?;
     // Ctrl-C reaches the whole foreground group, the command included: let it decide, and report

@@ -1,0 +1,120 @@
+//! `nixqimg ns`: a private user+mount namespace with its own binfmt_misc holding nixqimg, as a user
+//! runs it: exit status passed through, the global instance untouched, and a sandboxed single-user
+//! `nix-build` of an aarch64-linux derivation inside it.
+
+mod nix_support;
+
+use nix_support::*;
+use std::process::Command;
+
+const GLOBAL: &str = "/proc/sys/fs/binfmt_misc";
+
+fn global_entries() -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = std::fs::read_dir(GLOBAL)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        std::fs::read_to_string(e.path()).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn ns(args: &[&str]) -> std::process::Output {
+    Command::new("timeout").arg("120").arg(NIXQIMG).arg("ns").args(args).output().unwrap()
+}
+
+#[test]
+fn exit_status_and_signals_pass_through() {
+    let r = ns(&["--systems", "aarch64-linux", "--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
+    assert_eq!((r.status.code(), text(&r.stdout).as_str()), (Some(7), "out\n"));
+    assert!(text(&r.stderr).ends_with("err\n"), "{}", text(&r.stderr));
+    let r = ns(&["--systems", "aarch64-linux", "--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(r.status.code(), Some(128 + 15));
+    let r = ns(&["--systems", "aarch64-linux", "--", "/nonexistent/prog"]);
+    assert_eq!(r.status.code(), Some(127));
+    assert!(
+        text(&r.stderr).ends_with("nixqimg: /nonexistent/prog: No such file or directory\n"),
+        "{}",
+        text(&r.stderr)
+    );
+    let r = ns(&["--systems", "vax-linux", "--", "true"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(
+        text(&r.stderr).starts_with("nixqimg: 'vax-linux' is not a system nixqimg knows (one of x86_64-linux"),
+        "{}",
+        text(&r.stderr)
+    );
+}
+
+#[test]
+fn private_instance_holds_nixqimg_and_the_global_one_is_untouched() {
+    let before = global_entries();
+    let interp = static_nixqimg();
+    let bb = inputs().busybox.join("bin/busybox");
+    let script = format!(
+        "cat {GLOBAL}/nixqimg-aarch64; ls {GLOBAL}; id -u; {bb} uname -m; (exec -a uname {bb} -m)",
+        bb = bb.display()
+    );
+    let r = Command::new(NIXQIMG)
+        .args(["ns", "--systems", "aarch64-linux", "--interpreter"])
+        .arg(interp)
+        .args(["--", "bash", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let magic = "7f454c460201010000000000000000000200b700";
+    let mask = "ffffffffffffff00fffffffffffffffffeffffff";
+    assert_eq!(
+        text(&r.stdout),
+        format!(
+            "enabled\ninterpreter {}\nflags: PF\noffset 0\nmagic {magic}\nmask {mask}\nnixqimg-aarch64\nregister\nstatus\n0\naarch64\naarch64\n",
+            interp.display()
+        )
+    );
+    assert_eq!(global_entries(), before, "the global binfmt_misc changed");
+    assert!(!before.iter().any(|(n, _)| n == "nixqimg-aarch64"));
+}
+
+#[test]
+fn sandboxed_nix_build_of_an_aarch64_derivation_runs_inside_ns() {
+    let inputs = inputs();
+    let store = Store::new("ns-hello");
+    let expr = repo().join("tests/fixtures/nix/chain.nix");
+    let bb = inputs.busybox.display().to_string();
+    let tools = inputs.tools.display().to_string();
+    let args = [
+        "nix-build",
+        expr.to_str().unwrap(),
+        "-A",
+        "hello",
+        "--no-out-link",
+        "--arg",
+        "busybox",
+        &bb,
+        "--arg",
+        "tools",
+        &tools,
+    ];
+    let without = nix(&store, Via::Nothing, &args);
+    assert!(!without.status.success());
+    assert!(text(&without.stderr).contains("Exec format error"), "{}", text(&without.stderr));
+
+    let before = global_entries();
+    let with = nix(&store, Via::Nixqimg, &args);
+    assert!(with.status.success(), "{}", text(&with.stderr));
+    let out = text(&with.stdout);
+    assert_eq!(std::fs::read_to_string(out.trim()).unwrap(), "hello from aarch64\n");
+    // --check rebuilds it, proving the sandbox (sandbox-fallback = false) really ran the builder.
+    let mut check = args.to_vec();
+    check.push("--check");
+    let again = nix(&store, Via::Nixqimg, &check);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(global_entries(), before);
+}
