@@ -17,7 +17,7 @@ mod rootfs;
 use crate::arch;
 use crate::error::{Error, Result};
 use layout::{human, MIB};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -242,7 +242,7 @@ fn run_tool(name: &str, package: &str, cmd: &mut Command) -> Result<()> {
     if !out.status.success() {
         check_interrupted()?;
         let err = String::from_utf8_lossy(&out.stderr);
-        let msg = err.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").trim().to_owned();
+        let msg = err.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned();
         return Err(Error::new(format!("{name} failed: {msg}")));
     }
     Ok(())
@@ -499,7 +499,8 @@ fn install_bios(raw: &Path, closure: &closure::Closure, syslinux: Option<&Path>,
     };
     let files = crate::bios::BiosFiles::from_syslinux(&root)?;
     let mut f = fs::OpenOptions::new().read(true).write(true).open(raw).map_err(|e| Error::io(raw, e))?;
-    crate::bios::install(&mut f, &files, Some(time))
+    // mtools cannot stamp a FAT entry before 1980 (it wraps to 2098): clamp to FAT's first instant.
+    crate::bios::install(&mut f, &files, Some(time.max(esp::FAT_EPOCH)))
 }
 
 /// syslinux.cfg from the same loader.conf and entry systemd-boot reads (`bootloader sync` keeps it so).

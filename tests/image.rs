@@ -264,3 +264,26 @@ fn errors_name_the_problem_and_the_fix() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn hybrid_is_the_x86_64_default_and_boots_bios_from_the_same_esp() {
+    let s = store();
+    let top = system(&s, "a", 0);
+    let dir = tempdir("hybrid");
+    let img = dir.join("disk.raw");
+    // Debian's syslinux (the build machine's) when the closure has none.
+    let stdout = ok(&image(&s, &["--toplevel", &top.display().to_string(), "--format", "raw"], &img));
+    assert!(stdout.contains("Hybrid"), "{stdout}");
+    let (starts, dump) = partitions(&img);
+    assert!(dump.lines().any(|l| l.contains("name=\"ESP\"") && l.contains("LegacyBIOSBootable")), "{dump}");
+    let mbr = std::fs::read(&img).unwrap()[..440].to_vec();
+    assert_eq!(mbr, std::fs::read("/usr/lib/syslinux/mbr/gptmbr.bin").expect("syslinux-common")[..440]);
+    let cfg = String::from_utf8(esp_file(&img, starts[0], "/syslinux.cfg")).unwrap();
+    let entry = String::from_utf8(esp_file(&img, starts[0], "/loader/entries/nixos-generation-1.conf")).unwrap();
+    let linux = entry.lines().find_map(|l| l.strip_prefix("linux ")).unwrap();
+    assert!(cfg.contains(&format!("LINUX {linux}")), "{cfg}");
+    assert!(!esp_file(&img, starts[0], "/ldlinux.sys").is_empty());
+    let listing = sh(&format!("MTOOLS_SKIP_CHECK=1 mdir -a -i {}@@{} ::/", img.display(), starts[0]));
+    assert!(!listing.contains("1980-00-00") && !listing.contains("2098"), "invalid FAT dates: {listing}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -109,6 +109,25 @@ pub fn plan(i: &PlanInput) -> std::result::Result<EspPlan, String> {
     })
 }
 
+/// FAT's first representable instant, 1980-01-01 00:00: entries carry no build time (fatfs without
+/// chrono would write the invalid date 1980-00-00).
+#[derive(Debug)]
+struct Epoch1980;
+
+impl fatfs::TimeProvider for Epoch1980 {
+    fn get_current_date(&self) -> fatfs::Date {
+        fatfs::Date { year: 1980, month: 1, day: 1 }
+    }
+    fn get_current_date_time(&self) -> fatfs::DateTime {
+        fatfs::DateTime { date: self.get_current_date(), time: fatfs::Time { hour: 0, min: 0, sec: 0, millis: 0 } }
+    }
+}
+
+static EPOCH_1980: Epoch1980 = Epoch1980;
+
+/// The same instant as a Unix time, for tools that stamp FAT entries themselves (mtools).
+pub const FAT_EPOCH: u64 = 315_532_800;
+
 /// A window of the image file that fatfs sees as the whole volume.
 struct Slice<'a> {
     file: &'a File,
@@ -161,8 +180,11 @@ pub fn write(image: &File, offset: u64, size: u64, volume_id: u32, plan: &EspPla
         .volume_label(*b"ESP        ");
     fatfs::format_volume(Slice { file: image, start: offset, len: size, pos: 0 }, opts)
         .map_err(|e| fail(e).hint("FAT32 needs an ESP of at least 64M (--esp-size)"))?;
-    let fs = fatfs::FileSystem::new(Slice { file: image, start: offset, len: size, pos: 0 }, fatfs::FsOptions::new())
-        .map_err(fail)?;
+    let fs = fatfs::FileSystem::new(
+        Slice { file: image, start: offset, len: size, pos: 0 },
+        fatfs::FsOptions::new().time_provider(&EPOCH_1980),
+    )
+    .map_err(fail)?;
     let root = fs.root_dir();
     for d in &plan.dirs {
         root.create_dir(d).map_err(fail)?;

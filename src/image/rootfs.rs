@@ -176,7 +176,7 @@ fn run(name: &str, c: &mut Command) -> Result<String> {
     })?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
-        let msg = err.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").trim().to_owned();
+        let msg = err.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned();
         let mut e = Error::new(format!("{name} failed: {msg}"));
         if msg.contains("allocate") || msg.contains("space") || msg.contains("inodes") {
             e = e.hint("the root filesystem is too small: give a larger --size or use --size auto");
