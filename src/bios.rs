@@ -127,16 +127,19 @@ fn put64(b: &mut [u8], o: usize, v: u64) {
     b[o..o + 8].copy_from_slice(&v.to_le_bytes());
 }
 
+/// (boot sector, ldlinux.sys, ldlinux.c32), as embedded in an installer.
+type Pieces = (Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// Finds (bootsect, ldlinux.sys, ldlinux.c32) inside an installer ELF: by symbol if it has a symbol
 /// table, else by shape.
-pub fn extract(bin: &[u8]) -> std::result::Result<(Vec<u8>, Vec<u8>, Vec<u8>), String> {
+pub fn extract(bin: &[u8]) -> std::result::Result<Pieces, String> {
     if let Some(found) = by_symbols(bin)? {
         return Ok(found);
     }
     by_shape(bin)
 }
 
-fn by_symbols(bin: &[u8]) -> std::result::Result<Option<(Vec<u8>, Vec<u8>, Vec<u8>)>, String> {
+fn by_symbols(bin: &[u8]) -> std::result::Result<Option<Pieces>, String> {
     let elf = goblin::elf::Elf::parse(bin).map_err(|e| format!("not a readable ELF: {e}"))?;
     let find = |name: &str| -> Option<usize> {
         let sym = elf.syms.iter().find(|s| elf.strtab.get_at(s.st_name) == Some(name))?;
@@ -165,7 +168,7 @@ fn by_symbols(bin: &[u8]) -> std::result::Result<Option<(Vec<u8>, Vec<u8>, Vec<u
 /// ldlinux.sys (starts with its banner, LDLINUX_MAGIC soon after, padded to 512 bytes) and ldlinux.c32
 /// (a 32-bit ELF); the `_len` constants sit together in .rodata. Every length guessed from the shape
 /// must also be found as such a constant, so a layout nixqimg does not know fails instead of guessing.
-fn by_shape(bin: &[u8]) -> std::result::Result<(Vec<u8>, Vec<u8>, Vec<u8>), String> {
+fn by_shape(bin: &[u8]) -> std::result::Result<Pieces, String> {
     let unknown = "stripped syslinux installer whose embedded loader nixqimg cannot find";
     let ld = find_from(bin, 0, b"\r\nSYSLINUX ")
         .filter(|&i| (0..64).step_by(4).any(|d| bin.len() >= i + d + 4 && get32(bin, i + d) == LDLINUX_MAGIC))
