@@ -1,0 +1,152 @@
+# nixqimg as the binfmt_misc interpreter for foreign systems: registered with P (argv[0] kept, no
+# shell wrapper) and F (pinned, so Nix sandboxes see it), with the sandbox paths and platforms Nix
+# needs. Magic and mask come from binfmt-table.json, which nixqimg itself generates from its arch
+# table (`nixqimg nix-config --module-table`); a Rust test keeps the file current.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib) mkOption types;
+  cfg = config.nixqimg.binfmt;
+  table = lib.importJSON ./binfmt-table.json;
+  bySystem = lib.listToAttrs (
+    map (e: {
+      name = e.system;
+      value = e;
+    }) table.systems
+  );
+  hostSystem = pkgs.stdenv.hostPlatform.system;
+
+  nixqimg = cfg.package;
+  interpreter = lib.getExe nixqimg;
+
+  # Systems nixpkgs' own module registers (boot.binfmt.emulatedSystems) that nixqimg takes over.
+  takenOver = lib.optionals cfg.takeOverEmulatedSystems (
+    lib.filter (s: bySystem ? ${s}) config.boot.binfmt.emulatedSystems
+  );
+  # Systems only this module registers, under nixqimg's own entry names.
+  own = lib.filter (s: !(lib.elem s takenOver)) cfg.emulatedSystems;
+  served = own ++ takenOver;
+
+  common = {
+    inherit interpreter;
+    preserveArgvZero = true;
+    fixBinary = cfg.fixBinary;
+    wrapInterpreterInShell = false;
+    interpreterSandboxPath = "${nixqimg}";
+  };
+  ownRegistration = system: {
+    name = bySystem.${system}.entryName;
+    value = common // {
+      recognitionType = "magic";
+      offset = 0;
+      magicOrExtension = bySystem.${system}.magic;
+      mask = bySystem.${system}.mask;
+    };
+  };
+  # nixpkgs' entries keep their magic; only who serves them changes. Plain assignments beat the
+  # mkDefault values nixpkgs gives (its wrapQemuBinfmtP wrapper, or the bare static qemu when
+  # preferStaticEmulators is set, in which case the overlay alone would never be consulted).
+  takeOver = system: {
+    name = system;
+    value = common;
+  };
+
+  # For machines that keep nixpkgs' module: its P wrapper becomes nixqimg itself.
+  overlay = final: prev: {
+    wrapQemuBinfmtP =
+      name: emulator:
+      final.runCommand name { } ''
+        mkdir -p $out/bin
+        ln -s ${interpreter} $out/bin/${name}
+      '';
+  };
+in
+{
+  options.nixqimg.binfmt = {
+    enable = lib.mkEnableOption "nixqimg as the binfmt_misc interpreter for foreign systems";
+
+    emulatedSystems = mkOption {
+      type = types.listOf (types.enum (lib.attrNames bySystem));
+      default = [ ];
+      example = [ "aarch64-linux" ];
+      description = "Systems whose programs the kernel hands to nixqimg (never the machine's own).";
+    };
+
+    strategy = mkOption {
+      type = types.enum [
+        "auto"
+        "direct"
+        "loader-first"
+      ];
+      default = "auto";
+      description = ''
+        How nixqimg starts dynamic programs: "auto" picks per program; "direct" hands them to qemu;
+        "loader-first" runs their dynamic loader under qemu (avoids qemu's guest_base failure on
+        hosts with 16K/64K pages).
+      '';
+    };
+
+    fixBinary = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Register with F: the kernel opens nixqimg at registration, so chroots and Nix sandboxes see
+        it without it being mounted there.
+      '';
+    };
+
+    takeOverEmulatedSystems = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Also serve the systems in boot.binfmt.emulatedSystems with nixqimg, replacing nixpkgs'
+        qemu wrapper or bare qemu in those registrations.
+      '';
+    };
+
+    overlay = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Add an overlay that makes pkgs.wrapQemuBinfmtP return nixqimg, for configurations that use
+        that function elsewhere.
+      '';
+    };
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { inherit (cfg) strategy; };
+      defaultText = lib.literalExpression "pkgs.callPackage ./package.nix { inherit (cfg) strategy; }";
+      description = "The static nixqimg, with its static qemu-user fixed at build time.";
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = !(lib.elem hostSystem served);
+        message = "nixqimg.binfmt.emulatedSystems must not hold the machine's own system ${hostSystem}.";
+      }
+    ];
+
+    boot.binfmt.registrations = lib.listToAttrs (map ownRegistration own ++ map takeOver takenOver);
+
+    nixpkgs.overlays = lib.mkIf cfg.overlay [ overlay ];
+
+    # What `nixqimg nix-config` prints, in store paths: the interpreter and the qemu it execs
+    # (a package directory each, never a directory and a path inside it). /run/binfmt holds the
+    # links the registrations name.
+    nix.settings = lib.mkIf (served != [ ]) {
+      extra-platforms = served;
+      extra-sandbox-paths = [
+        "/run/binfmt"
+        "${nixqimg}"
+        "${nixqimg.qemu}"
+      ];
+    };
+  };
+}
