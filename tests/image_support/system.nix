@@ -1,10 +1,12 @@
 # Small NixOS-shaped systems for nixqimg's image tests, built by real Nix from the host's static busybox:
 # a toplevel with boot.json (bootspec v1), kernel/initrd/systemd links, and a data path with the awkward
 # things a store holds (executables, symlinks long and short, empty files, spaces, nested directories).
-# `kernelSize` > 0 makes the kernel that many bytes (to overflow a small ESP).
-{ busybox, kernelSize ? 0, tag ? "a" }:
+# `kernelSize` > 0 makes the kernel that many bytes (to overflow a small ESP); `extra` (host directories,
+# each imported as its own store path) makes a big closure for benches/image.
+{ busybox, kernelSize ? 0, tag ? "a", extra ? [ ] }:
 let
   bb = builtins.path { path = busybox; name = "busybox-host"; };
+  extras = map (p: builtins.path { path = /. + p; name = "extra" + builtins.replaceStrings [ "/" ] [ "-" ] p; }) extra;
   mk = name: script: derivation {
     inherit name;
     system = builtins.currentSystem;
@@ -36,7 +38,7 @@ derivation {
   name = "nixos-system-test-${tag}";
   system = builtins.currentSystem;
   builder = "${bb}/bin/busybox";
-  inherit kernel initrd systemd data;
+  inherit kernel initrd systemd data extras;
   args = [ "sh" "-ec" ''
     ${bb}/bin/busybox --install -s $TMPDIR; export PATH=$TMPDIR
     mkdir $out
@@ -46,6 +48,7 @@ derivation {
     ln -s $initrd/initrd $out/initrd
     ln -s $systemd $out/systemd
     ln -s $data $out/sw
+    i=0; for e in $extras; do ln -s $e $out/extra-$i; i=$((i+1)); done
     cat > $out/boot.json <<EOF
     {"org.nixos.bootspec.v1": {"system": "x86_64-linux", "init": "$out/init", "initrd": "$initrd/initrd",
      "kernel": "$kernel/bzImage", "kernelParams": ["console=ttyS0", "panic=1"], "label": "NixOS test ${tag}",
