@@ -78,8 +78,8 @@ pub fn real_syslinux_install(img: &Path) {
         .args(["--install", "--offset", &(ESP_START * 512).to_string()])
         .arg(img));
     let mbr = std::fs::read("/usr/lib/syslinux/mbr/gptmbr.bin").expect("gptmbr.bin: install syslinux-common");
-    let mut f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&mut f, &mbr, 0).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &mbr, 0).unwrap();
     run(Command::new("sfdisk")
         .args(["-q", "--no-reread", "--no-tell-kernel", "--part-attrs"])
         .arg(img)
