@@ -118,3 +118,18 @@ fn sandboxed_nix_build_of_an_aarch64_derivation_runs_inside_ns() {
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert_eq!(global_entries(), before);
 }
+
+#[test]
+fn an_unprivileged_user_gets_the_namespace_without_root() {
+    need("setpriv", "util-linux");
+    let bb = inputs().busybox.join("bin/busybox");
+    let r = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", NIXQIMG, "ns", "--systems", "aarch64-linux", "--"])
+        .args(["sh", "-c"])
+        .arg(format!("{} uname -m; id -u; cat /proc/self/setgroups", bb.display()))
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    // Only its own id can be mapped, so setgroups is denied (which is why Nix wants root outside).
+    assert_eq!(text(&r.stdout), "aarch64\n0\ndeny\n");
+}

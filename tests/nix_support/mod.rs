@@ -82,7 +82,8 @@ pub fn inputs() -> &'static Inputs {
         need("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu");
         need("patchelf", "patchelf");
         let root = debs();
-        let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nix-inputs-{}", std::process::id()));
+        // One fixed place, rebuilt by each test binary (they run one after another): no pile-up.
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nix-inputs");
         let _ = std::fs::remove_dir_all(&base);
         let busybox = base.join("busybox");
         let tools = base.join("tools");
