@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
@@ -138,7 +139,19 @@ fn boot(kernel: &Path, tag: &str) -> Boot {
     let log_path = p.out.join(format!("serial-{tag}.log"));
     let log_file = std::fs::File::create(&log_path).unwrap();
     let start = Instant::now();
-    let child = Command::new("qemu-system-aarch64")
+    let mut cmd = Command::new("qemu-system-aarch64");
+    // SAFETY: prctl is async-signal-safe and touches only the child being started. It makes the
+    // kernel kill the VM if this test process dies without running Reap's drop (e.g. SIGKILL).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let child = cmd
         .args(["-accel", "tcg", "-M", "virt", "-cpu", "max,pauth-impdef=on", "-m", "1G", "-nographic", "-no-reboot"])
         .arg("-kernel")
         .arg(kernel)
