@@ -353,11 +353,14 @@ impl Drop for Reaped {
 /// does first and then exits QEMU with a known status. Seeing /dev/kvm is not enough: on some hosts
 /// QEMU starts under KVM and the guest then dies on its first x87 instruction ("KVM internal error ...
 /// emulation failure") and QEMU hangs.
-fn kvm_works(arch: &Arch, tmp: &Path) -> bool {
-    if arch.name != arch::host().name || !Path::new("/dev/kvm").exists() {
-        return false;
+fn kvm_works(arch: &Arch, tmp: &Path) -> std::result::Result<(), String> {
+    if arch.name != arch::host().name {
+        return Err(format!("KVM cannot run an {} guest on this {} host", arch.name, arch::host().name));
     }
-    let Some(bin) = arch.qemu_system else { return false };
+    if !Path::new("/dev/kvm").exists() {
+        return Err("there is no /dev/kvm".into());
+    }
+    let Some(bin) = arch.qemu_system else { return Err(format!("no qemu-system for {}", arch.name)) };
     let rom = tmp.join("kvm-probe.rom");
     let (image, args, expect): (Vec<u8>, Vec<&str>, i32) = match arch.name {
         "x86_64" => {
@@ -376,11 +379,9 @@ fn kvm_works(arch: &Arch, tmp: &Path) -> bool {
             }
             (r, vec!["-machine", "virt", "-cpu", "host"], 0)
         }
-        _ => return false,
+        _ => return Err(format!("no KVM probe for {}", arch.name)),
     };
-    if std::fs::write(&rom, image).is_err() {
-        return false;
-    }
+    std::fs::write(&rom, image).map_err(|e| format!("{}: {e}", rom.display()))?;
     let child = Command::new(bin)
         .args(["-accel", "kvm", "-nodefaults", "-display", "none", "-m", "64"])
         .args(args)
@@ -390,17 +391,18 @@ fn kvm_works(arch: &Arch, tmp: &Path) -> bool {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
-    let Ok(child) = child else { return false };
+    let child = child.map_err(|e| format!("cannot run {bin}: {e}"))?;
     let mut child = Reaped(child);
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         match child.0.try_wait() {
-            Ok(Some(st)) => return st.code() == Some(expect),
+            Ok(Some(st)) if st.code() == Some(expect) => return Ok(()),
+            Ok(Some(st)) => return Err(format!("a tiny test guest under KVM ended with {st}")),
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(_) => return false,
+            Err(e) => return Err(format!("waiting for {bin}: {e}")),
         }
     }
-    false
+    Err("a tiny test guest under KVM did not finish within 5s".into())
 }
 
 fn free_port() -> Result<u16> {
@@ -463,11 +465,15 @@ pub fn run(a: Args) -> Result<()> {
             true
         }
         Accel::Auto => {
-            let ok = !a.dry_run && kvm_works(arch, &tmp.0);
-            if !ok && !a.dry_run {
-                eprintln!("nixqimg: KVM cannot run an {} guest here; using TCG (slower)", arch.name);
+            // --dry-run starts nothing, so it cannot prove KVM and shows the TCG line.
+            if a.dry_run {
+                false
+            } else if let Err(why) = kvm_works(arch, &tmp.0) {
+                eprintln!("nixqimg: {why}; using TCG (slower)");
+                false
+            } else {
+                true
             }
-            ok
         }
     };
     let ssh_port = match a.ssh_port {
