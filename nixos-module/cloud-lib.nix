@@ -64,6 +64,17 @@ rec {
   # BIOS boot only exists where the firmware can do it: x86.
   biosDefault = system: system == "x86_64-linux";
 
+  # The nixpkgs packages whose programs `nixqimg image` runs besides itself (sfdisk; mkfs.ext4 -d and
+  # debugfs; sqlite3 for the Nix database; qemu-img; mtools for the BIOS loader). tests/nix_files.rs
+  # builds an image with exactly these (their Debian builds) on PATH, and fails without each one.
+  imageTools = [
+    "util-linux"
+    "e2fsprogs"
+    "sqlite"
+    "qemu-utils"
+    "mtools"
+  ];
+
   # The arguments of `nixqimg image` for one image, so the derivation and the Rust test read the
   # same list (tests/nix_files.rs checks every flag against the real binary's `image --help`).
   imageArgs =

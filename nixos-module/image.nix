@@ -30,16 +30,8 @@ let
 in
 pkgs.runCommand "nixos-image-${config.system.nixos.label}-${targetSystem}"
   {
-    # The field's tools for the parts nixqimg does not write itself (src/image*.rs, src/bios.rs):
-    # sfdisk, mkfs.ext4 -d + debugfs, sqlite3 for the Nix database, qemu-img, mtools for the BIOS loader.
-    nativeBuildInputs = map pkgs.lib.getBin [
-      nixqimg
-      pkgs.util-linux
-      pkgs.e2fsprogs
-      pkgs.sqlite
-      pkgs.qemu-utils
-      pkgs.mtools
-    ];
+    # The field's tools for the parts nixqimg does not write itself (cloud-lib.nix's imageTools).
+    nativeBuildInputs = map pkgs.lib.getBin ([ nixqimg ] ++ map (name: pkgs.${name}) cloudLib.imageTools);
     passthru = {
       inherit toplevel closure;
       imageFile = file;

@@ -109,6 +109,13 @@ fn eval_error(expr: &str) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `[["a","b"],["c"]]` of plain strings (no escapes: the paths here have none) into vectors.
+fn split_json_string_lists(json: &str) -> Vec<Vec<String>> {
+    assert!(!json.contains('\\'), "unexpected escape in {json}");
+    let inner = json.strip_prefix("[[").and_then(|s| s.strip_suffix("]]")).unwrap_or_else(|| panic!("{json}"));
+    inner.split("],[").map(|list| list.split(',').map(|s| s.trim_matches('"').to_string()).collect()).collect()
+}
+
 /// Every .nix file of the repository, skipping build output, VCS data and fetched caches.
 fn nix_files() -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -177,10 +184,15 @@ fn repo_paths_named_in(parsed: &str) -> Vec<String> {
     found
 }
 
+/// Only what ships (the flake and nixos-module/): test fixtures may name files their tests put in
+/// place at run time.
 #[test]
-fn every_path_a_nix_file_names_exists() {
+fn every_path_a_shipped_nix_file_names_exists() {
     let mut missing = Vec::new();
-    for f in nix_files() {
+    let shipped = nix_files()
+        .into_iter()
+        .filter(|f| f == &repo().join("flake.nix") || f.starts_with(repo().join("nixos-module")));
+    for f in shipped {
         let Ok(parsed) = parse(&f) else { continue };
         for p in repo_paths_named_in(&parsed) {
             if !Path::new(&p).exists() {
@@ -302,47 +314,6 @@ fn channel_follows_the_release_the_image_was_built_from() {
     assert_eq!(got, r#"["https://nixos.org/channels/nixos-26.05","https://nixos.org/channels/nixos-unstable"]"#);
 }
 
-/// The argv image.nix hands to `nixqimg image`, for every combination the module can produce.
-fn image_argvs(dir: &Path) -> Vec<Vec<String>> {
-    let d = dir.display();
-    let json = eval_json(&format!(
-        r#"let l = import ./nixos-module/cloud-lib.nix; in
-           builtins.concatMap (format: map (bios: l.imageArgs {{
-             closureInfo = "{d}/closure-info"; toplevel = "{d}/toplevel"; out = "{d}/out/nixos.${{format}}";
-             inherit format bios; espSizeMiB = 448; timeout = 0;
-           }}) [ true false ]) [ "qcow2" "raw" ]"#
-    ));
-    split_json_string_lists(&json)
-}
-
-/// `[["a","b"],["c"]]` of plain strings (no escapes: the paths here have none) into vectors.
-fn split_json_string_lists(json: &str) -> Vec<Vec<String>> {
-    assert!(!json.contains('\\'), "unexpected escape in {json}");
-    let inner = json.strip_prefix("[[").and_then(|s| s.strip_suffix("]]")).unwrap_or_else(|| panic!("{json}"));
-    inner.split("],[").map(|list| list.split(',').map(|s| s.trim_matches('"').to_string()).collect()).collect()
-}
-
-#[test]
-fn nixqimg_image_accepts_the_argv_the_image_derivation_passes() {
-    let t = TempDir::new("argv");
-    std::fs::create_dir_all(t.0.join("out")).unwrap();
-    let argvs = image_argvs(&t.0);
-    assert_eq!(argvs.len(), 4);
-    for argv in argvs {
-        assert_eq!(argv[0], "image", "{argv:?}");
-        let mut cmd = Command::new(NIXQIMG);
-        cmd.args(&argv);
-        let out = run_with_timeout(cmd, Duration::from_secs(60));
-        let err = String::from_utf8_lossy(&out.stderr);
-        // The closure does not exist, so the command fails; what matters is that it fails on
-        // that, not on its command line (exit code 2 is a usage error, README "Exit codes").
-        assert_ne!(out.status.code(), Some(2), "nixqimg rejected the argv {argv:?}:\n{err}");
-        assert!(!out.status.success(), "nixqimg image succeeded with no closure: {argv:?}");
-        assert!(err.contains(&format!("{}/closure-info", t.0.display())), "{argv:?}:\n{err}");
-        assert_eq!(std::fs::read_dir(t.0.join("out")).unwrap().count(), 0, "a failed image left output behind");
-    }
-}
-
 /// The configuration.nix the image writes on first boot is a module that imports the copy of
 /// nixos-module/ beside it and pins what the image was built with.
 #[test]
@@ -425,4 +396,139 @@ fn the_module_runs_bios_sync_on_the_esp_as_nixqimg_would() {
     // Both generations, the newer one the default, with its init= and quoted parameter.
     assert!(script.contains("/EFI/nixos/kernel-1.efi") && script.contains("/EFI/nixos/kernel-2.efi"), "{script}");
     assert!(script.contains("init=/nix/store/x-nixos-system-2/init console=ttyS0,115200 msg=\"a b\""), "{script}");
+}
+
+#[path = "image_support/mod.rs"]
+mod image_support;
+
+/// Debian's builds of the nixpkgs packages image.nix puts on PATH (same upstream programs).
+fn debian_counterparts(nixpkgs_name: &str) -> &'static [&'static str] {
+    match nixpkgs_name {
+        // Debian 12 ships sfdisk in `fdisk`, apart from the rest of util-linux.
+        "util-linux" => &["util-linux", "fdisk"],
+        "e2fsprogs" => &["e2fsprogs"],
+        "sqlite" => &["sqlite3"],
+        "qemu-utils" => &["qemu-utils"],
+        "mtools" => &["mtools"],
+        other => panic!("image.nix runs nixpkgs' {other}: name its Debian counterpart here"),
+    }
+}
+
+/// What a nixpkgs `runCommand` has on PATH before any nativeBuildInputs (stdenv's initial path).
+const STDENV: &[&str] =
+    &["coreutils", "findutils", "diffutils", "sed", "grep", "tar", "gzip", "bzip2", "xz-utils", "bash"];
+
+/// A directory of links to every program the given Debian packages install, and nixqimg.
+fn tool_dir(dir: &Path, debs: &[&str]) -> PathBuf {
+    let bin = dir.join("bin");
+    let _ = std::fs::remove_dir_all(&bin);
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(NIXQIMG, bin.join("nixqimg")).unwrap();
+    for deb in debs {
+        let out = Command::new("dpkg").args(["-L", deb]).output().expect("dpkg");
+        assert!(out.status.success(), "the Debian package {deb} is not installed (listed in .ci/packages)");
+        for f in String::from_utf8_lossy(&out.stdout).lines() {
+            let p = Path::new(f);
+            let in_bin = p.parent().is_some_and(|d| d.ends_with("bin") || d.ends_with("sbin"));
+            if in_bin && !p.is_dir() && p.exists() {
+                let _ = std::os::unix::fs::symlink(p, bin.join(p.file_name().unwrap()));
+            }
+        }
+    }
+    bin
+}
+
+/// What every image test here needs: the image tests' small NixOS-shaped system built by real Nix,
+/// its closureInfo, and the argv image.nix hands to `nixqimg image` for a format and BIOS choice.
+struct ImageCase {
+    t: TempDir,
+    ci: PathBuf,
+    toplevel: PathBuf,
+}
+
+impl ImageCase {
+    fn new(tag: &str) -> ImageCase {
+        let store = image_support::store();
+        let toplevel = image_support::system(&store, "cloud-tools", 0);
+        let t = TempDir::new(tag);
+        let ci = t.0.join("closure-info");
+        image_support::closure_info(&store, &toplevel, &ci, false);
+        std::fs::create_dir_all(t.0.join("out")).unwrap();
+        ImageCase { t, ci, toplevel }
+    }
+
+    fn argv(&self, format: &str, bios: bool) -> Vec<String> {
+        let json = eval_json(&format!(
+            r#"(import ./nixos-module/cloud-lib.nix).imageArgs {{
+                 closureInfo = "{}"; toplevel = "{}"; out = "{}/out/nixos.{format}";
+                 format = "{format}"; bios = {bios}; espSizeMiB = 64; timeout = 0; }}"#,
+            self.ci.display(),
+            self.toplevel.display(),
+            self.t.0.display()
+        ));
+        split_json_string_lists(&format!("[{json}]")).remove(0)
+    }
+
+    /// Runs the argv with only stdenv's tools, nixqimg and Debian's builds of `tools` on PATH, in an
+    /// empty environment like Nix's sandbox.
+    fn build(&self, argv: &[String], tools: &[&str]) -> Output {
+        let mut debs: Vec<&str> = STDENV.to_vec();
+        for tool in tools {
+            debs.extend_from_slice(debian_counterparts(tool));
+        }
+        let bin = tool_dir(&self.t.0, &debs);
+        let mut cmd = Command::new(bin.join("nixqimg"));
+        // In the Nix build the BIOS loader's files come from the closure (system.extraDependencies);
+        // this closure has none, so they come from Debian's syslinux.
+        cmd.args(argv)
+            .args(["--syslinux", "/"])
+            .env_clear()
+            .env("PATH", &bin)
+            .env("HOME", &self.t.0)
+            .env("TMPDIR", &self.t.0);
+        run_with_timeout(cmd, Duration::from_secs(300))
+    }
+}
+
+fn image_tools() -> Vec<String> {
+    split_json_string_lists(&format!("[{}]", eval_json("(import ./nixos-module/cloud-lib.nix).imageTools"))).remove(0)
+}
+
+/// Every variant the module can ask for (qcow2 or raw, UEFI or hybrid) builds from the exact argv
+/// image.nix passes, with image.nix's tools, and is the format it claims.
+#[test]
+fn nixqimg_image_builds_every_variant_the_derivation_asks_for() {
+    let case = ImageCase::new("variants");
+    let tools = image_tools();
+    let tools: Vec<&str> = tools.iter().map(String::as_str).collect();
+    for format in ["qcow2", "raw"] {
+        for bios in [true, false] {
+            let argv = case.argv(format, bios);
+            assert_eq!(argv[0], "image", "{argv:?}");
+            let out = case.build(&argv, &tools);
+            assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let file = case.t.0.join(format!("out/nixos.{format}"));
+            let info = Command::new("qemu-img").arg("info").arg(&file).output().expect("qemu-img (qemu-utils)");
+            let info = String::from_utf8_lossy(&info.stdout);
+            assert!(info.contains(&format!("file format: {format}")), "{argv:?}:\n{info}");
+            std::fs::remove_file(&file).unwrap();
+        }
+    }
+}
+
+/// Without each of image.nix's tools the build fails on that tool: the list has nothing dead in it
+/// (and the test above shows it lacks nothing).
+#[test]
+fn every_tool_image_nix_names_is_needed() {
+    let case = ImageCase::new("tools");
+    let tools = image_tools();
+    let argv = case.argv("qcow2", true);
+    for without in &tools {
+        let rest: Vec<&str> = tools.iter().filter(|t| *t != without).map(String::as_str).collect();
+        let out = case.build(&argv, &rest);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "nixqimg image did not need {without}: drop it from imageTools");
+        assert!(err.contains("cannot run"), "without {without}, nixqimg image failed for another reason: {err}");
+        assert!(!case.t.0.join("out/nixos.qcow2").exists(), "without {without}: an image was written anyway");
+    }
 }
