@@ -130,7 +130,14 @@ pub fn debs(deb_arch: &str) -> Debs {
 pub fn nix_env(cmd: &mut Command) -> &mut Command {
     let n = cache().join("nix");
     std::fs::create_dir_all(n.join("etc")).unwrap();
-    std::fs::write(n.join("etc/nix.conf"), "build-users-group =\nsubstituters =\nsandbox = true\n").unwrap();
+    let conf = n.join("etc/nix.conf");
+    let want = "build-users-group =\nsubstituters =\nsandbox = true\n";
+    // Tests run in parallel: rewrite only when different, so no nix reads a half-written file.
+    if std::fs::read_to_string(&conf).ok().as_deref() != Some(want) {
+        let tmp = n.join(format!("etc/nix.conf.{}", std::process::id()));
+        std::fs::write(&tmp, want).unwrap();
+        std::fs::rename(&tmp, &conf).unwrap();
+    }
     cmd.env("NIX_STORE_DIR", n.join("store"))
         .env("NIX_STATE_DIR", n.join("var"))
         .env("NIX_LOG_DIR", n.join("log"))
