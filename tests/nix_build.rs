@@ -192,6 +192,24 @@ fn build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system() {
     let e = text(&r.stderr);
     assert!(e.starts_with("nixqimg: Nix will refuse aarch64-linux builds: not in extra-platforms (add `extra-platforms = aarch64-linux`"), "{e}");
 
+    // A dynamically linked nixqimg is registered (F pins the file, not its loader and libraries):
+    // inside the sandbox the kernel cannot start it, and the build fails with that diagnosis.
+    let r = store
+        .cmd(NIXQIMG)
+        .args(["build", &format!("path:{}", dir.display()), "--ns", "--attr", "packages.aarch64-linux.hello", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let e = text(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{e}");
+    assert!(e.contains("is dynamically linked"), "{e}");
+    assert!(
+        e.lines().last().unwrap_or("").starts_with(
+            "nixqimg: the binfmt interpreter for aarch64-linux is missing inside the Nix sandbox (register nixqimg with F"
+        ),
+        "{e}"
+    );
+
     // A missing attribute is one line with the fix.
     let r = store
         .cmd(NIXQIMG)
