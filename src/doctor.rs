@@ -142,7 +142,7 @@ pub struct GuestBase {
     /// The lowest load address is a multiple of the page size.
     pub aligned: bool,
     /// The same verdict for 4096, 16384 and 65536-byte pages.
-    pub by_page_size: BTreeMap<String, bool>,
+    pub by_page_size: BTreeMap<u64, bool>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -189,7 +189,7 @@ fn lossy(b: &[u8]) -> String {
 /// The guest_base verdict for an image at every page size of interest.
 pub fn guest_base(facts: &ElfFacts, page_size: u64) -> Option<GuestBase> {
     let lo = facts.lowest_load.filter(|_| facts.is_fixed_address())?;
-    let by_page_size = PAGE_SIZES.iter().map(|p| (p.to_string(), plan::guest_base_risk(facts, *p))).collect();
+    let by_page_size = PAGE_SIZES.iter().map(|p| (*p, plan::guest_base_risk(facts, *p))).collect();
     Some(GuestBase {
         page_size,
         risk: plan::guest_base_risk(facts, page_size),
@@ -888,13 +888,13 @@ mod tests {
         // The bootstrap-tools case: patchelf put a page below 0x400000.
         let g = guest_base(&facts(2, 0x3ff000, Some("/x/ld")), 16384).unwrap();
         assert!(g.risk && !g.aligned);
-        assert_eq!(g.by_page_size["4096"], false);
-        assert_eq!(g.by_page_size["16384"], true);
-        assert_eq!(g.by_page_size["65536"], true);
+        assert!(!g.by_page_size[&4096]);
+        assert!(g.by_page_size[&16384]);
+        assert!(g.by_page_size[&65536]);
         // `patchelf --page-size 16384`: safe on 16K, not on 64K.
         let g = guest_base(&facts(2, 0x3fc000, None), 16384).unwrap();
         assert!(!g.risk);
-        assert_eq!(g.by_page_size["65536"], true);
+        assert!(g.by_page_size[&65536]);
         let g = guest_base(&facts(2, 0x400000, None), 65536).unwrap();
         assert!(!g.risk && g.aligned);
         // PIE has no fixed address to reserve.

@@ -22,9 +22,10 @@ start=$EPOCHREALTIME
 for w in $(seq {WORKERS}); do
   (
     for ((i = 0; i < {n}; i++)); do
-      if ! ./probe > "out.$w" 2>&1; then echo "exit $? at $i" >> "fail.$w"; continue; fi
+      ./probe > "out.$w" 2>&1; rc=$?
+      if [ $rc != 0 ]; then echo "exit $rc: $(head -c 200 "out.$w")" >> "fail.$w"; continue; fi
       read -r line < "out.$w"
-      [ "$line" = "fds=0,1,2" ] || echo "saw '$line' at $i" >> "fail.$w"
+      [ "$line" = "fds=0,1,2" ] || echo "saw '$line'" >> "fail.$w"
     done
   ) &
 done
