@@ -53,17 +53,25 @@ impl Esp {
             assert!(st.success());
             d
         };
-        let (a, b) = (copy("rust"), copy("sh"));
+        let a = copy("rust");
         let rust =
             Command::new(env!("CARGO_BIN_EXE_nixqimg")).args(["bootloader", "sync", "--esp"]).arg(&a).output().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("nixos-module/bios-sync.sh");
-        let sh = Command::new("sh").arg(&script).arg(&b).output().unwrap();
         let r = Outcome::of(&rust, &a);
-        let s = Outcome::of(&sh, &b);
-        assert_eq!(r.cfg, s.cfg, "syslinux.cfg differs between nixqimg and bios-sync.sh");
-        assert_eq!(r.code, s.code, "exit status differs: nixqimg stderr {:?}, script stderr {:?}", r.stderr, s.stderr);
-        assert_eq!(r.problems(), s.problems(), "reported problems differ");
-        assert_eq!(r.stderr.lines().count(), s.stderr.lines().count(), "{:?} vs {:?}", r.stderr, s.stderr);
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("nixos-module/bios-sync.sh");
+        // dash (Debian's sh) here; NixOS runs it with bash (pkgs.runtimeShell).
+        for shell in ["sh", "bash"] {
+            let b = copy(shell);
+            let out = Command::new(shell).arg(&script).arg(&b).output().unwrap();
+            let s = Outcome::of(&out, &b);
+            assert_eq!(r.cfg, s.cfg, "syslinux.cfg differs between nixqimg and bios-sync.sh under {shell}");
+            assert_eq!(
+                r.code, s.code,
+                "exit status differs under {shell}: nixqimg {:?}, script {:?}",
+                r.stderr, s.stderr
+            );
+            assert_eq!(r.problems(), s.problems(), "reported problems differ under {shell}");
+            assert_eq!(r.stderr.lines().count(), s.stderr.lines().count(), "{:?} vs {:?}", r.stderr, s.stderr);
+        }
         // The result replaces this ESP's syslinux.cfg, so that the next step starts from it.
         match &r.cfg {
             Some(c) => std::fs::write(self.dir.join("syslinux.cfg"), c).unwrap(),
