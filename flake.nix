@@ -131,6 +131,17 @@
         }
       );
 
+      # Not in `checks`, since they need the other architecture's system built (binfmt, e.g.
+      # nixosModules.binfmt, or a remote builder): the foreign image this machine assembled, booted
+      # under full emulation. `nix build -L .#legacyPackages.x86_64-linux.tests.qcow-boot-aarch64-linux`
+      legacyPackages = forAllSystems (system: {
+        tests."qcow-boot-${other system}" = import ./nixos-module/tests/qcow-boot.nix {
+          pkgs = pkgsFor system;
+          image = self.packages.${system}."qcow-${other system}";
+          guestPkgs = nixpkgs.legacyPackages.${other system};
+        };
+      });
+
       formatter = forAllSystems (system: nixpkgs.legacyPackages.${system}.nixfmt);
     };
 }

@@ -248,7 +248,7 @@ fn the_flake_outputs_and_modules_evaluate_without_nixpkgs() {
             r#"{{"modules":{{"binfmt":{{"args":{BA},"file":"{r}/nixos-module/binfmt.nix"}},"#,
             r#""cloud-image":{{"args":["config","lib","modulesPath","pkgs"],"file":"{r}/nixos-module/cloud-image.nix"}},"#,
             r#""default":{{"args":{BA},"file":"{r}/nixos-module/binfmt.nix"}}}},"#,
-            r#""outputs":["apps","checks","formatter","lib","nixosConfigurations","nixosModules","overlays","packages"]}}"#
+            r#""outputs":["apps","checks","formatter","legacyPackages","lib","nixosConfigurations","nixosModules","overlays","packages"]}}"#
         ),
         r = root,
         BA = binfmt_module_args(),

@@ -5,17 +5,32 @@
 #
 # The image has no test backdoor: the script watches its serial console and talks to it only through
 # sshd, from the driver, over QEMU's user-network port forward.
+#
+# With `guestPkgs` of the other architecture (the flake's legacyPackages.<build>.tests) it boots the
+# foreign image the build machine assembled, under full emulation (TCG): the cross-architecture case.
 {
   pkgs,
   # A derivation whose output holds nixos.qcow2 (image.nix).
   image,
+  # nixpkgs of the image's system; its firmware (data, from the binary cache) boots the image.
+  guestPkgs ? pkgs,
 }:
 let
   inherit (pkgs) lib;
   inherit (import "${pkgs.path}/nixos/tests/ssh-keys.nix" pkgs) snakeOilPrivateKey snakeOilPublicKey;
   qemuCommon = import "${pkgs.path}/nixos/lib/qemu-common.nix" { inherit lib pkgs; };
-  qemu = qemuCommon.qemuBinary pkgs.qemu_test;
-  isX86 = pkgs.stdenv.hostPlatform.isx86_64;
+  guest = guestPkgs.stdenv.hostPlatform;
+  native = guest.system == pkgs.stdenv.hostPlatform.system;
+  # qemu_test only emulates the host's own architecture; a foreign guest needs the full qemu.
+  # pauth-impdef=on: arm64 pointer authentication is several times faster under TCG with it.
+  qemu =
+    if native then
+      qemuCommon.qemuBinary pkgs.qemu_test
+    else if guest.isx86_64 then
+      "${pkgs.qemu}/bin/qemu-system-x86_64 -machine q35 -cpu max"
+    else
+      "${pkgs.qemu}/bin/qemu-system-aarch64 -machine virt -cpu max,pauth-impdef=on";
+  isX86 = guest.isx86_64;
   hostname = "nixqimg-check";
 
   # A NoCloud seed as `nixqimg seed` makes it: a FAT volume labelled CIDATA.
@@ -52,7 +67,7 @@ let
   ];
 in
 pkgs.testers.runNixOSTest {
-  name = "nixqimg-qcow-boot";
+  name = "nixqimg-qcow-boot-${guest.system}";
   nodes = { };
   testScript = ''
     import os
@@ -101,11 +116,11 @@ pkgs.testers.runNixOSTest {
         vm.crash()
 
     vars = os.path.join(tmp, "vars.fd")
-    shutil.copy("${pkgs.OVMF.fd.variables}", vars)
+    shutil.copy("${guestPkgs.OVMF.fd.variables}", vars)
     os.chmod(vars, 0o600)
     with subtest("UEFI boot, cloud-init, ssh with the seeded key"):
         boot("uefi",
-             "-drive if=pflash,format=raw,unit=0,readonly=on,file=${pkgs.OVMF.fd.firmware} "
+             "-drive if=pflash,format=raw,unit=0,readonly=on,file=${guestPkgs.OVMF.fd.firmware} "
              f"-drive if=pflash,format=raw,unit=1,file={vars}",
              2222)
     ${lib.optionalString isX86 ''
