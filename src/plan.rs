@@ -236,18 +236,16 @@ fn missing_library_dirs(
     probe: &dyn Probe,
     loader: &Path,
     relocated: bool,
-    interp: &Path,
     why: &mut Vec<String>,
 ) -> Vec<PathBuf> {
     let arch = req.facts.arch;
     let origin = dirname(req.path);
     let mut own: Vec<PathBuf> = req.facts.runpath.as_deref().map(|r| search_dirs(r, &origin)).unwrap_or_default();
-    // ld.so's built-in directories: for Nix's glibc its own lib dir (where PT_INTERP points), for
-    // Debian's the multiarch and plain lib dirs. A relocated loader's built-ins point nowhere useful.
+    // ld.so's built-in directories are compiled in and cannot be read off the file. The loader's own
+    // directory is NOT assumed among them: a loader copied into another tree (bootstrap-tools, or
+    // Debian's ld.so placed in a store path) still searches where it was built for. Debian's
+    // multiarch and plain lib dirs are, for a loader where PT_INTERP says.
     if !relocated {
-        if let Some(d) = interp.parent() {
-            own.push(d.to_path_buf());
-        }
         for d in ["/lib", "/usr/lib"] {
             own.push(Path::new(d).join(arch.gnu_triplet));
             own.push(PathBuf::from(d));
@@ -325,7 +323,7 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
                 }
                 s => {
                     let (loader, relocated) = find_loader(req, probe, &interp, &mut why)?;
-                    let library_path = missing_library_dirs(req, probe, &loader, relocated, &interp, &mut why);
+                    let library_path = missing_library_dirs(req, probe, &loader, relocated, &mut why);
                     let first = s == Strategy::LoaderFirst || relocated || !library_path.is_empty() || risk;
                     if s == Strategy::LoaderFirst {
                         why.push("strategy loader-first".into());
@@ -556,6 +554,25 @@ mod tests {
         assert!(guest_base_risk(&g, 65536));
         // ET_DYN never has the risk.
         assert!(!guest_base_risk(&facts(Some(&interp), 3, 0x3ff000, None, &[]), 65536));
+    }
+
+    /// Regression: Debian's ld.so placed in a store path (no RPATH on the program) does not search
+    /// its own directory; the libraries there must be handed over with --library-path.
+    #[test]
+    fn libraries_only_beside_a_loader_in_place_go_loader_first_with_that_dir() {
+        let interp = format!("{BT}/lib/ld-linux-aarch64.so.1");
+        let f = facts(Some(&interp), 3, 0, None, &["libtinfo.so.6", "libc.so.6"]);
+        let files = fs(&[&interp, &format!("{BT}/lib/libc.so.6"), &format!("{BT}/lib/libtinfo.so.6")]);
+        let path = format!("{BT}/bin/bash");
+        let p = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 4096), &files).unwrap();
+        assert_eq!(
+            p.mode,
+            Mode::LoaderFirst {
+                loader: interp.clone().into(),
+                library_path: vec![format!("{BT}/lib").into()],
+                argv0: true
+            }
+        );
     }
 
     #[test]
