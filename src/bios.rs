@@ -419,9 +419,8 @@ fn mark_esp(disk: &mut File) -> Result<u64> {
     let len = disk.metadata()?.len();
     let primary = read_at(disk, 512, 512)?;
     if &primary[..8] != b"EFI PART" {
-        return Err(
-            Error::new("no GPT on the disk (LBA 1 is not \"EFI PART\")").hint("BIOS boot needs a GPT disk with an ESP")
-        );
+        return Err(Error::new("no GPT on the disk (LBA 1 is not \"EFI PART\")")
+            .hint("BIOS boot needs a raw GPT disk image with an ESP; convert a qcow2 with qemu-img first"));
     }
     let backup_lba = get64(&primary, 32);
     let mut esp_start = None;
