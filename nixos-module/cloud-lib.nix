@@ -126,6 +126,8 @@ rec {
         imports = [ ./nixqimg/cloud-image.nix ];
         nixqimg.cloudImage.bios.enable = ${if bios then "true" else "false"};
         boot.loader.systemd-boot.configurationLimit = ${builtins.toJSON configurationLimit};
+        # root's channel was installed on first boot; later generations need not carry nixpkgs.
+        system.installer.channel.enable = false;
         # The release whose defaults this machine's state was created with: keep it when upgrading.
         system.stateVersion = ${builtins.toJSON stateVersion};
       }

@@ -337,7 +337,8 @@ fn the_written_configuration_reproduces_the_image() {
         format!(
             concat!(
                 r#"{{"boot":{{"loader":{{"systemd-boot":{{"configurationLimit":7}}}}}},"imports":["{}/nixqimg/cloud-image.nix"],"#,
-                r#""nixqimg":{{"cloudImage":{{"bios":{{"enable":true}}}}}},"system":{{"stateVersion":"26.05"}}}}"#
+                r#""nixqimg":{{"cloudImage":{{"bios":{{"enable":true}}}}}},"#,
+                r#""system":{{"installer":{{"channel":{{"enable":false}}}},"stateVersion":"26.05"}}}}"#
             ),
             t.0.display()
         )
