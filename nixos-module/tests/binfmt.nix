@@ -11,6 +11,7 @@
 let
   foreign = foreignPkgs.stdenv.hostPlatform.system;
   hello = foreignPkgs.hello;
+  bash = foreignPkgs.bash;
 in
 pkgs.testers.runNixOSTest {
   name = "nixqimg-binfmt";
@@ -21,7 +22,21 @@ pkgs.testers.runNixOSTest {
       emulatedSystems = [ foreign ];
     };
     # In the VM's store without being on its PATH.
-    system.extraDependencies = [ hello ];
+    system.extraDependencies = [
+      hello
+      bash
+    ];
+    # A derivation of the foreign system whose builder is that system's bash: Nix runs it in its
+    # sandbox, through the kernel's binfmt_misc, nixqimg and qemu (extra-platforms and
+    # extra-sandbox-paths come from the module). storePath gives the builder's path its context.
+    environment.etc."nixqimg-foreign-build.nix".text = ''
+      derivation {
+        name = "nixqimg-foreign-build";
+        system = "${foreign}";
+        builder = "''${builtins.storePath "${bash}"}/bin/bash";
+        args = [ "-c" "echo \"built by $BASH_VERSION on $HOSTTYPE\" > $out" ];
+      }
+    '';
   };
   testScript = ''
     machine.wait_for_unit("systemd-binfmt.service")
@@ -33,6 +48,9 @@ pkgs.testers.runNixOSTest {
     # hello's --help names itself by argv[0].
     out = machine.succeed("bash -c 'exec -a greeter ${hello}/bin/hello --help' | head -1")
     t.assertTrue(out.startswith("Usage: greeter "), out)
+    # A build for the foreign system, sandbox on, offline: bash reports the CPU it was built for.
+    built = machine.succeed("nix-build --no-out-link --option substituters ''' /etc/nixqimg-foreign-build.nix").strip()
+    t.assertIn("on ${bash.stdenv.hostPlatform.parsed.cpu.name}", machine.succeed(f"cat {built}"))
     conf = machine.succeed("cat /etc/nix/nix.conf")
     t.assertIn("${foreign}", conf, "extra-platforms does not name the emulated system")
   '';
