@@ -187,8 +187,10 @@ fn by_shape(bin: &[u8]) -> std::result::Result<Pieces, String> {
     let ld_len = (last + 1).div_ceil(SECTOR) * SECTOR;
     let consts = [SECTOR as u32, ld_len as u32, c32_len as u32];
     let confirmed = (0..bin.len().saturating_sub(24)).step_by(4).any(|i| {
-        // bin2c writes `<name>_len` then `<name>_mtime` for each array, in link order.
-        (0..3).all(|k| get32(bin, i + 8 * k) == consts[k]) && get32(bin, i + 4) == get32(bin, i + 12)
+        // bin2c writes `<name>_len` then `<name>_mtime` for each array, in link order; builds patched
+        // for reproducibility may drop the mtimes.
+        let with_mtimes = (0..3).all(|k| get32(bin, i + 8 * k) == consts[k]) && get32(bin, i + 4) == get32(bin, i + 12);
+        with_mtimes || (0..3).all(|k| get32(bin, i + 4 * k) == consts[k])
     });
     if !confirmed || c32 + c32_len > bin.len() {
         return Err(format!("{unknown} (lengths {ld_len} and {c32_len} are not confirmed by its .rodata)"));
