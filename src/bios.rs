@@ -632,6 +632,17 @@ mod tests {
         assert!(st.expect("cc: install gcc").success());
         let obj = std::fs::read(dir.join("arrays.o")).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(by_symbols(&obj).unwrap(), Some((bs, ld, c32)));
+        assert_eq!(by_symbols(&obj).unwrap(), Some((bs.clone(), ld.clone(), c32.clone())));
+
+        // The same arrays laid out by a build without bin2c's mtimes are found by shape too.
+        let mut blob = vec![0u8; 64];
+        for n in [SECTOR, ld.len(), c32.len()] {
+            blob.extend_from_slice(&(n as u32).to_le_bytes());
+        }
+        blob.resize(1024, 0);
+        for part in [&bs, &ld, &c32] {
+            blob.extend_from_slice(part);
+        }
+        assert_eq!(by_shape(&blob).unwrap(), (bs, ld, c32));
     }
 }
