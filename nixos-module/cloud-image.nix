@@ -179,7 +179,9 @@ in
     ];
 
     # nixos/modules/tasks/network-interfaces.nix, system/boot/networkd.nix: DHCP on every ethernet
-    # through networkd; cloud-init's own .network files (10-cloud-init-*) sort first and win.
+    # through networkd; cloud-init's own .network files (10-cloud-init-*, e.g. Hetzner's IPv6) sort
+    # first and win. networkd.nix links each unit file into a real /etc/systemd/network directory
+    # (not a store link to the whole directory), so cloud-init can write there.
     networking.useNetworkd = true;
     networking.useDHCP = lib.mkDefault true;
     systemd.network.enable = true;
