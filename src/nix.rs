@@ -440,7 +440,8 @@ pub fn classify(stderr: &str, system: &str, attr: &str, ns: bool) -> Option<Erro
             "add the paths `nixqimg nix-config` prints to extra-sandbox-paths",
         );
     }
-    if stderr.contains("error: executing") && stderr.contains("No such file or directory") {
+    // Nix 2.8 frames this one oddly ("Error ... executing '...': No such file or directory").
+    if stderr.lines().any(|l| l.contains("executing '") && l.contains("': No such file or directory")) {
         return e(
             format!("the binfmt interpreter for {system} is missing inside the Nix sandbox"),
             "register nixqimg with F (`nixqimg register --flags PF`) and add `nixqimg nix-config`'s extra-sandbox-paths",
@@ -773,7 +774,7 @@ mod tests {
         let enoexec = "error: executing '/nix/store/x-busybox/bin/busybox': Exec format error";
         assert!(c(enoexec, false).unwrap().contains("nixqimg register"));
         assert!(c(enoexec, true).unwrap().contains("--system"));
-        let enoent = "error: executing '/nix/store/x-busybox/bin/busybox': No such file or directory";
+        let enoent = "x>        Error      Error   \u{fffd}   executing '/s/x-busybox/bin/busybox': No such file or directory   ";
         assert!(c(enoent, false).unwrap().contains("missing inside the Nix sandbox"));
         let noqemu = "nixqimg: /nix/store/x/bin/sh: no qemu-aarch64 or qemu-aarch64-static in /usr/bin";
         assert!(c(noqemu, false).unwrap().contains("extra-sandbox-paths"));
