@@ -361,3 +361,42 @@ fn binfmt_d_writes_systemd_files_and_names_debians_competing_file() {
     );
     assert!(stdout.ends_with("apply with: systemctl restart systemd-binfmt\n"), "{stdout}");
 }
+
+/// Every foreign architecture in the table, through `register --all` and the kernel: Debian's static
+/// busybox for that architecture (real headers, not ones we wrote) must reach its qemu and run.
+/// One Debian suite (trixie) keeps the download to one apt update: mips64el (released up to bookworm)
+/// and loongarch64 (no release port) are checked against Debian's binfmt.d files only (unit test in
+/// src/binfmt/lines.rs).
+#[test]
+fn register_all_runs_debians_busybox_of_every_foreign_architecture() {
+    let fetch = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fetch-debs");
+    let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("debcache-binfmt");
+    // (suite, Debian arch, Nix system)
+    let set = [
+        ("trixie", "armhf", "armv7l-linux"),
+        ("trixie", "riscv64", "riscv64-linux"),
+        ("trixie", "ppc64el", "powerpc64le-linux"),
+        ("trixie", "s390x", "s390x-linux"),
+    ];
+    for suite in ["trixie"] {
+        let pkgs: Vec<String> =
+            set.iter().filter(|s| s.0 == suite).map(|s| format!("busybox-static:{}", s.1)).collect();
+        let st = std::process::Command::new(&fetch).arg(suite).arg(cache.join(suite)).args(&pkgs).status().unwrap();
+        assert!(st.success(), "fetch-debs {suite} {pkgs:?} failed");
+    }
+    let mut script = String::from("\"$NQ\" register --all | sort\n");
+    for (suite, arch, sys) in set {
+        let bb = cache.join(suite).join(format!("root/busybox-static_{arch}/usr/bin/busybox"));
+        script += &format!("{} echo {sys} ran; echo \"rc=$?\"\n", q(&bb));
+    }
+    let out = ns(&script, &[], T);
+    let mut want = String::new();
+    for n in ["aarch64", "armv7l", "loongarch64", "mips64el", "ppc64le", "riscv64", "s390x"] {
+        let sys = if n == "ppc64le" { "powerpc64le".to_string() } else { n.to_string() };
+        want += &format!("nixqimg-{n}: registered for {sys}-linux\n");
+    }
+    for (_, _, sys) in set {
+        want += &format!("{sys} ran\nrc=0\n");
+    }
+    assert_eq!(out.ok(), want, "stderr:\n{}", out.stderr);
+}
