@@ -37,15 +37,26 @@ impl Probe for RealProbe {
             }
         }
         // Otherwise look for the option's own spelling in the loader (it is in its usage text).
-        // One read of the whole (bounded) file: small growing reads cost more than the scan.
-        use std::io::Read;
+        // Map it rather than copy it: the string sits two thirds into a 200 KiB file, and page-cache
+        // faults are cheaper than copying every byte (this runs on every loader-first exec).
+        use std::os::fd::AsRawFd;
         let Ok(f) = std::fs::File::open(loader) else { return false };
-        let size = f.metadata().map_or(0, |m| m.len()).min(MAX_LOADER_SCAN);
-        let mut buf = Vec::with_capacity(size as usize + 1);
-        if f.take(MAX_LOADER_SCAN).read_to_end(&mut buf).is_err() {
+        let size = f.metadata().map_or(0, |m| m.len()).min(MAX_LOADER_SCAN) as usize;
+        if size == 0 {
             return false;
         }
-        memchr::memmem::find(&buf, b"--argv0").is_some()
+        // SAFETY: a private read-only mapping of `size` bytes of an open regular file; the slice is
+        // only read while the mapping lives and is unmapped right after. A file truncated meanwhile
+        // could raise SIGBUS; loaders in a store are immutable.
+        unsafe {
+            let p = libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), 0);
+            if p == libc::MAP_FAILED {
+                return false;
+            }
+            let found = memchr::memmem::find(std::slice::from_raw_parts(p as *const u8, size), b"--argv0").is_some();
+            libc::munmap(p, size);
+            found
+        }
     }
     fn canonicalize(&self, path: &Path) -> Option<PathBuf> {
         std::fs::canonicalize(path).ok()
