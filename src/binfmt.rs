@@ -480,6 +480,53 @@ mod tests {
         assert!(normalize_flags("X").is_err());
     }
 
+    fn entry(name: &str, interp: &str, flags: &str, enabled: bool, ino: u64) -> Entry {
+        let a = by_name("aarch64").unwrap();
+        let mut e = lines::parse(&registration_line(a, name, Path::new(interp), flags).unwrap()).unwrap();
+        e.enabled = enabled;
+        e.ino = ino;
+        e
+    }
+
+    #[test]
+    fn register_refuses_to_shadow_unless_replace_and_keeps_what_is_already_right() {
+        let a = by_name("aarch64").unwrap();
+        let want = [(a, PathBuf::from("/n/nixqimg"))];
+        let qemu = entry("qemu-aarch64", "/usr/bin/qemu-aarch64-static", "F", true, 5);
+        let e = plan_register(std::slice::from_ref(&qemu), &want, "PF", false).unwrap_err();
+        assert!(e.what.starts_with("qemu-aarch64 already serves aarch64-linux"), "{}", e.what);
+        let steps = plan_register(std::slice::from_ref(&qemu), &want, "PF", true).unwrap();
+        assert!(matches!(&steps[0], Step::Register { name, .. } if name == "nixqimg-aarch64"));
+        assert_eq!(steps[1], Step::Disable { name: "qemu-aarch64".into(), system: "aarch64-linux" });
+        // Ours, newer than the other and identical: nothing to do, no refusal.
+        let ours = entry("nixqimg-aarch64", "/n/nixqimg", "PF", true, 9);
+        let steps = plan_register(&[qemu.clone(), ours.clone()], &want, "PF", false).unwrap();
+        assert_eq!(steps, [Step::Keep { name: "nixqimg-aarch64".into(), system: "aarch64-linux" }]);
+        // Ours with other flags: replaced.
+        let steps = plan_register(std::slice::from_ref(&ours), &want, "POCF", false).unwrap();
+        assert_eq!(steps[0], Step::Remove { name: "nixqimg-aarch64".into() });
+        assert!(matches!(&steps[1], Step::Register { line, .. } if line.ends_with(":POCF")));
+    }
+
+    #[test]
+    fn unregister_removes_only_ours_and_re_enables_what_was_displaced() {
+        let qemu = entry("qemu-aarch64", "/q", "F", false, 5);
+        let ours = entry("nixqimg-aarch64", "/n", "PF", true, 9);
+        let steps = plan_unregister(&[qemu.clone(), ours.clone()], None);
+        assert_eq!(
+            steps,
+            [
+                Step::Remove { name: "nixqimg-aarch64".into() },
+                Step::Enable { name: "qemu-aarch64".into(), system: "aarch64-linux" }
+            ]
+        );
+        // Another enabled entry still serves the system: nothing to re-enable.
+        let other = entry("other", "/o", "", true, 7);
+        let steps = plan_unregister(&[qemu, ours, other], Some(&[by_name("aarch64").unwrap()]));
+        assert_eq!(steps, [Step::Remove { name: "nixqimg-aarch64".into() }]);
+        assert!(plan_unregister(&[entry("qemu-aarch64", "/q", "F", true, 1)], None).is_empty());
+    }
+
     #[test]
     fn lines_the_kernel_would_misparse_are_refused() {
         let a = by_name("aarch64").unwrap();

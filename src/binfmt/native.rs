@@ -141,8 +141,8 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn i686_verdict_agrees_with_the_kernels_ia32_switch() {
-        // /proc/sys/abi/vsyscall32 exists only with CONFIG_IA32_EMULATION; the cmdline can still turn
-        // it off, which the probe sees and this file does not: only check the "absent" direction.
+        // Cross-check the probe against the kernel's own switches: /proc/sys/abi/vsyscall32 exists only
+        // with CONFIG_IA32_EMULATION, and `ia32_emulation=0` on the command line turns it off.
         let natives = detect();
         if !std::path::Path::new("/proc/sys/abi/vsyscall32").exists() {
             assert!(!is_native(&natives, arch::by_name("i686").unwrap()));
