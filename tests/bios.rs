@@ -45,6 +45,9 @@ fn compare(name: &str, disk_mib: u64, esp_sectors: u64, fat: u32, prepare: impl 
     real_syslinux_install(&real);
     nixqimg_install(&ours);
     same_bytes(&real, &ours);
+    if name != "fragmented" {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]
@@ -89,6 +92,7 @@ fn install_matches_syslinux_when_ldlinux_sys_is_fragmented() {
         .arg(mtools_img(&tmp_path("fragmented/nixqimg.img")))
         .arg("::/ldlinux.sys"));
     assert!(shown.matches('<').count() > 1, "ldlinux.sys is in one piece, the case tests nothing: {shown}");
+    let _ = std::fs::remove_dir_all(tmp_path("fragmented"));
 }
 
 #[test]
@@ -176,6 +180,7 @@ fn seabios_boots_generation_1_then_generation_2_added_by_bios_sync_sh() {
     assert!(m.contains(" nixqimg.gen=2 nixqimg.q='it''s \"quoted\"'"), "{m}");
     assert!(m.contains("BOOT_IMAGE=/EFI/nixos/k2-linux-bzImage.efi"), "{m}");
     eprintln!("boot 2: {m}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `nixqimg run IMAGE --firmware bios`: the whole console output (the fixture's marker included).
@@ -273,4 +278,5 @@ fn hybrid_image_boots_a_generation_added_later_under_seabios() {
     assert!(cmdline.contains(" ignore_loglevel nixqimg.gen=2 nixqimg.q=\"a b\""), "{cmdline}");
     assert!(cmdline.contains(&format!("init={}/init ", toplevel.display())), "{cmdline}");
     eprintln!("{}", cmdline.trim());
+    let _ = std::fs::remove_dir_all(&dir);
 }
