@@ -218,7 +218,7 @@ pub fn plan_unregister(entries: &[Entry], systems: Option<&[&'static Arch]>) -> 
     let doomed: Vec<&Entry> = entries
         .iter()
         .filter(|e| e.is_ours())
-        .filter(|e| systems.is_none_or(|s| s.iter().any(|a| e.name == entry_name(a) || e.serves(a))))
+        .filter(|e| systems.map_or(true, |s| s.iter().any(|a| e.name == entry_name(a) || e.serves(a))))
         .collect();
     let mut steps: Vec<Step> = doomed.iter().map(|e| Step::Remove { name: e.name.clone() }).collect();
     let gone = |e: &Entry| doomed.iter().any(|d| d.name == e.name);
@@ -227,7 +227,7 @@ pub fn plan_unregister(entries: &[Entry], systems: Option<&[&'static Arch]>) -> 
             continue;
         }
         let mut disabled: Vec<&Entry> = entries.iter().filter(|e| !e.enabled && !gone(e) && e.serves(a)).collect();
-        disabled.sort_by(|x, y| y.ino.cmp(&x.ino));
+        disabled.sort_by_key(|e| std::cmp::Reverse(e.ino));
         if let Some(d) = disabled.first() {
             if !steps.iter().any(|s| matches!(s, Step::Enable { name, .. } if *name == d.name)) {
                 steps.push(Step::Enable { name: d.name.clone(), system: a.nix_system });

@@ -149,7 +149,7 @@ impl Entry {
 /// the first one is what the kernel uses.
 pub fn candidates<'a>(entries: &'a [Entry], arch: &Arch) -> Vec<&'a Entry> {
     let mut v: Vec<&Entry> = entries.iter().filter(|e| e.enabled && e.serves(arch)).collect();
-    v.sort_by(|a, b| b.ino.cmp(&a.ino));
+    v.sort_by_key(|e| std::cmp::Reverse(e.ino));
     v
 }
 
