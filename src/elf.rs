@@ -206,7 +206,7 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
                 }
                 // A segment with no file bytes (bss only) reads nothing: the kernel ignores its offset,
                 // which linkers leave wherever the previous section ended, often past the end.
-                if ph.p_filesz > 0 && ph.p_offset.checked_add(ph.p_filesz).is_none_or(|end| end > file_size) {
+                if ph.p_filesz > 0 && ph.p_offset.checked_add(ph.p_filesz).map_or(true, |end| end > file_size) {
                     return Err(ElfError::Truncated("a loaded segment"));
                 }
                 if ph.p_align > 1
