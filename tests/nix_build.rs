@@ -109,8 +109,17 @@ fn bootstrap_chain_without_rpath_fails_under_plain_qemu_and_builds_through_nixqi
     check_stage2(&nix(&store, Via::Nixqimg, &strs(&args)));
 }
 
+/// A directory removed when the test ends, passed or failed.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Copies the fixture flake and its inputs into a fresh directory (a flake outside git).
-fn flake_dir(name: &str) -> PathBuf {
+fn flake_dir(name: &str) -> TempDir {
     let inputs = inputs();
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nix-flake-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -121,13 +130,14 @@ fn flake_dir(name: &str) -> PathBuf {
     }
     let st = Command::new("cp").arg("-a").arg(&inputs.busybox).arg(&inputs.tools).arg(&dir).status().unwrap();
     assert!(st.success());
-    dir
+    TempDir(dir)
 }
 
 #[test]
 fn flake_without_inputs_fails_without_an_entry_and_builds_through_nixqimg() {
     let store = Store::new("flake");
-    let dir = flake_dir("chain");
+    let guard = flake_dir("chain");
+    let dir = &guard.0;
     let installable = format!("path:{}#packages.aarch64-linux.stage2", dir.display());
     let args = ["nix", "build", "--json", "--no-link", installable.as_str()];
 
@@ -141,7 +151,6 @@ fn flake_without_inputs_fails_without_an_entry_and_builds_through_nixqimg() {
     let out = PathBuf::from(v[0]["outputs"]["out"].as_str().unwrap());
     assert_eq!(std::fs::read_to_string(out.join("report")).unwrap(), expected_report());
     assert_eq!(std::fs::read_to_string(out.join("data")).unwrap(), expected_data());
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -149,7 +158,8 @@ fn build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system() {
     need("debugfs", "e2fsprogs");
     need("sha256sum", "coreutils");
     let store = Store::new("build");
-    let dir = flake_dir("image");
+    let guard = flake_dir("image");
+    let dir = &guard.0;
     let out = dir.join("out");
 
     // The flake has no packages.<build>.qcow-<system>: the default is nixosConfigurations.<system>.qcow.
@@ -228,5 +238,4 @@ fn build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system() {
             .starts_with("nixqimg: the flake has no attribute nope.aarch64-linux (pass --attr"),
         "{e}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
