@@ -104,20 +104,28 @@ pub struct Debs {
 pub fn debs(deb_arch: &str) -> Debs {
     let _l = FETCH.lock().unwrap_or_else(|e| e.into_inner());
     need("dpkg-deb", "dpkg");
-    let meta = format!("linux-image-cloud-{deb_arch}");
-    fetch(&[
-        format!("{meta}:{deb_arch}"),
-        format!("busybox-static:{deb_arch}"),
-        format!("systemd-boot-efi:{deb_arch}"),
-        "busybox-static:amd64".into(),
-    ]);
-    let depends = run(Command::new("dpkg-deb").arg("-f").arg(deb(&meta, deb_arch)).arg("Depends")).stdout;
-    let real = String::from_utf8_lossy(&depends)
-        .split([',', ' '])
-        .find(|w| w.starts_with("linux-image-") && w.ends_with(&format!("-cloud-{deb_arch}")))
-        .unwrap_or_else(|| panic!("{meta} depends on no cloud kernel"))
-        .to_string();
-    fetch(&[format!("{real}:{deb_arch}")]);
+    // Both architectures in one call: fetch-debs reads the package lists once a day for the
+    // architectures of the call that refreshed them, so a later arm64-only call would find nothing.
+    let mut first = vec!["busybox-static:amd64".to_string()];
+    for a in ["amd64", "arm64"] {
+        first.extend([
+            format!("linux-image-cloud-{a}:{a}"),
+            format!("busybox-static:{a}"),
+            format!("systemd-boot-efi:{a}"),
+        ]);
+    }
+    fetch(&first);
+    let kernel = |a: &str| {
+        let meta = format!("linux-image-cloud-{a}");
+        let depends = run(Command::new("dpkg-deb").arg("-f").arg(deb(&meta, a)).arg("Depends")).stdout;
+        String::from_utf8_lossy(&depends)
+            .split([',', ' '])
+            .find(|w| w.starts_with("linux-image-") && w.ends_with(&format!("-cloud-{a}")))
+            .unwrap_or_else(|| panic!("{meta} depends on no cloud kernel"))
+            .to_string()
+    };
+    let real = kernel(deb_arch);
+    fetch(&["amd64", "arm64"].map(|a| format!("{}:{a}", kernel(a))));
     Debs {
         kernel: deb(&real, deb_arch),
         busybox: deb("busybox-static", deb_arch),
