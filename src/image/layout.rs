@@ -73,7 +73,8 @@ pub fn root_estimate(data: u64, inodes: u64) -> (u64, u64) {
         n = want_inodes.max(size / 16384);
         size = data + data / 10 + journal + 32 * MIB + n * 256 + size / 64;
     }
-    (round_up(size, MIB), n)
+    let size = round_up(size, MIB);
+    (size, want_inodes.max(size / 16384))
 }
 
 pub fn round_up(x: u64, to: u64) -> u64 {
