@@ -226,11 +226,12 @@ fn hybrid_image_boots_a_generation_added_later_under_seabios() {
     ]);
     assert_eq!(code, 0, "nixqimg image failed:\n{out}{err}");
 
-    // What this test owns is the loader: SYSLINUX ran from the hybrid image and the system's stage 2
-    // started (its own checks and marker belong to tests/boot.rs).
+    let bios_ok = "NIXQIMG-BOOT-OK arch=x86_64 firmware=bios ";
     let log = run_bios(&img);
     assert!(log.contains("SYSLINUX 6."), "no SYSLINUX banner on the serial console:\n{log}");
-    eprintln!("generation 1: {}", boot_support::marker(&log));
+    let m = boot_support::marker(&log);
+    eprintln!("generation 1: {m}");
+    assert!(m.starts_with(bios_ok), "{m}");
     assert!(!log.contains("nixqimg.gen=2"), "{log}");
 
     let esp = dir.join("esp");
@@ -270,7 +271,9 @@ fn hybrid_image_boots_a_generation_added_later_under_seabios() {
     assert_eq!(listing.lines().filter(|l| l.to_lowercase().contains("syslinux.cfg")).count(), 1, "{listing}");
 
     let log = run_bios(&img);
-    eprintln!("generation 2: {}", boot_support::marker(&log));
+    let m = boot_support::marker(&log);
+    eprintln!("generation 2: {m}");
+    assert!(m.starts_with(bios_ok), "{m}");
     let cmdline = log
         .lines()
         .find(|l| l.contains("Kernel command line:"))
