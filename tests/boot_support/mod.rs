@@ -47,7 +47,8 @@ pub struct Tmp(pub PathBuf);
 
 impl Tmp {
     pub fn new(name: &str) -> Tmp {
-        let base = std::env::var_os("CARGO_TARGET_TMPDIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        // Cargo's scratch directory for integration tests, inside the target dir.
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let p = base
             .join(format!("{name}-{}-{:?}", std::process::id(), std::thread::current().id()))
             .to_string_lossy()
