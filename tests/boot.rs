@@ -90,9 +90,58 @@ fn aarch64_image_boots_under_aavmf_and_its_arch_is_read_from_the_esp() {
     let dir = Tmp::new("boot-key-aarch64");
     let key = dir.join("id.pub");
     std::fs::write(&key, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIArmTestKey test@nixqimg\n").unwrap();
+    let (code, out, err) = nixqimg(&args!["run", img.path, "--dry-run", "--ssh-port", "2222"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert!(out.starts_with("qemu-system-aarch64 -machine virt -cpu max,pauth-impdef=on -accel tcg "), "{out}");
+    assert!(
+        out.contains(" -drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/AAVMF/AAVMF_CODE.fd "),
+        "{out}"
+    );
+    assert!(out.contains(&format!(
+        " -drive cache=writeback,format=qcow2,id=drive1,if=none,index=1,werror=report,file={} ",
+        img.path.display()
+    )));
+    assert!(out.contains(" -smbios type=1,serial=ds=nocloud-net ") && out.contains("hostfwd=tcp:127.0.0.1:2222-:22"));
     // No --arch: `run` reads BOOTAA64.EFI from the image's ESP; --ssh-key makes a seed for this run.
     let m = boot(&img.path, &args!["--ssh-key", key]);
     let prefix = "NIXQIMG-BOOT-OK arch=aarch64 firmware=uefi serial=ds=nocloud seed=instance-id=iid-";
     assert!(m.starts_with(prefix), "{m}");
     assert!(m.ends_with(",hostname=nixos,user-data=#cloud-config,ssh-keys=1"), "{m}");
+}
+
+#[test]
+fn run_explains_what_it_cannot_boot() {
+    let t = Tmp::new("boot-errors");
+    let blank = t.join("blank.raw");
+    std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
+    let missing = t.join("missing.img");
+    for (args, code, msg) in [
+        (
+            args!["run", missing].to_vec(),
+            1,
+            format!("nixqimg: {}: no such image (make one with nixqimg image)\n", missing.display()),
+        ),
+        (
+            args!["run", blank].to_vec(),
+            1,
+            format!(
+                "nixqimg: {}: cannot tell the guest's architecture from the image \
+                 (pass --arch x86_64 or --arch aarch64)\n",
+                blank.display()
+            ),
+        ),
+        (
+            args!["run", blank, "--arch", "aarch64", "--firmware", "bios"].to_vec(),
+            2,
+            "nixqimg: aarch64 has no BIOS boot (use --firmware uefi)\n".to_string(),
+        ),
+        (
+            args!["run", blank, "--arch", "riscv64"].to_vec(),
+            2,
+            "nixqimg: cannot boot 'riscv64' (use --arch x86_64 or --arch aarch64)\n".to_string(),
+        ),
+    ] {
+        let (c, out, err) = nixqimg(&args);
+        assert_eq!((c, out.as_str(), err), (code, "", msg));
+    }
 }
