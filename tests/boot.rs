@@ -29,11 +29,15 @@ fn image(arch: &str, boot: &str) -> Image {
     Image { _dir: dir, path }
 }
 
-/// `nixqimg run IMAGE --accel tcg --until NIXQIMG-BOOT- --timeout 240 EXTRA...`; returns the marker line.
-fn boot(image: &Path, extra: &[&OsStr]) -> String {
+/// `nixqimg run IMAGE --snapshot --until NIXQIMG-BOOT- --timeout 240 EXTRA...` (with `--accel tcg` unless
+/// EXTRA names one); returns the marker line and stderr.
+fn boot(image: &Path, extra: &[&OsStr]) -> (String, String) {
     let _one = VM.lock().unwrap_or_else(|e| e.into_inner());
     let mut args: Vec<&OsStr> =
-        args!["run", image, "--accel", "tcg", "--snapshot", "--until", "NIXQIMG-BOOT-", "--timeout", "240"].to_vec();
+        args!["run", image, "--snapshot", "--until", "NIXQIMG-BOOT-", "--timeout", "240"].to_vec();
+    if !extra.contains(&OsStr::new("--accel")) {
+        args.extend(args!["--accel", "tcg"]);
+    }
     args.extend_from_slice(extra);
     let start = std::time::Instant::now();
     let (code, out, err) = nixqimg(&args);
@@ -41,7 +45,7 @@ fn boot(image: &Path, extra: &[&OsStr]) -> String {
     assert_eq!(code, 0, "nixqimg run failed:\n{out}\n{err}");
     let m = marker(&out);
     eprintln!("{m}");
-    m
+    (m, err)
 }
 
 fn seed(dir: &Tmp, hostname: &str) -> (PathBuf, String) {
@@ -65,7 +69,7 @@ fn x86_64_hybrid_image_boots_under_ovmf_with_a_seed_and_under_seabios() {
     let img = image("x86_64", "hybrid");
     let dir = Tmp::new("boot-seed-uefi");
     let (seed, id) = seed(&dir, "web-1");
-    let m = boot(&img.path, &args!["--seed", seed]);
+    let (m, _) = boot(&img.path, &args!["--seed", seed]);
     assert_eq!(
         m,
         format!(
@@ -74,7 +78,7 @@ fn x86_64_hybrid_image_boots_under_ovmf_with_a_seed_and_under_seabios() {
         )
     );
 
-    let m = boot(&img.path, &args!["--firmware", "bios"]);
+    let (m, _) = boot(&img.path, &args!["--firmware", "bios"]);
     assert_eq!(m, "NIXQIMG-BOOT-OK arch=x86_64 firmware=bios serial=ds=nocloud-net seed=none");
 
     let _one = VM.lock().unwrap_or_else(|e| e.into_inner());
@@ -103,7 +107,14 @@ fn aarch64_image_boots_under_aavmf_and_its_arch_is_read_from_the_esp() {
     )));
     assert!(out.contains(" -smbios type=1,serial=ds=nocloud-net ") && out.contains("hostfwd=tcp:127.0.0.1:2222-:22"));
     // No --arch: `run` reads BOOTAA64.EFI from the image's ESP; --ssh-key makes a seed for this run.
-    let m = boot(&img.path, &args!["--ssh-key", key]);
+    // --accel auto on an x86_64 build machine: KVM cannot run an aarch64 guest, and run says so on one line.
+    let (m, err) = boot(&img.path, &args!["--ssh-key", key, "--accel", "auto"]);
+    if cfg!(target_arch = "x86_64") {
+        assert!(
+            err.starts_with("nixqimg: KVM cannot run an aarch64 guest on this x86_64 host; using TCG (slower)\n"),
+            "{err}"
+        );
+    }
     let prefix = "NIXQIMG-BOOT-OK arch=aarch64 firmware=uefi serial=ds=nocloud seed=instance-id=iid-";
     assert!(m.starts_with(prefix), "{m}");
     assert!(m.ends_with(",hostname=nixos,user-data=#cloud-config,ssh-keys=1"), "{m}");
