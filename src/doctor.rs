@@ -90,6 +90,8 @@ pub struct SystemFact {
     pub flags: Option<String>,
     pub interpreter: Option<String>,
     pub interpreter_exists: bool,
+    /// The interpreter is a static ELF (null when it cannot be read).
+    pub interpreter_static: Option<bool>,
     pub shadowed: Vec<String>,
     /// The qemu-user nixqimg would exec for this system, if any.
     pub qemu: Option<String>,
@@ -437,6 +439,12 @@ fn host_facts(page_size: u64, inst: &entries::Instance, natives: &[native::Nativ
                 flags: s.flags.clone(),
                 interpreter: s.interpreter.clone(),
                 interpreter_exists: s.interpreter.as_deref().is_some_and(|i| Path::new(i).exists()),
+                interpreter_static: s
+                    .interpreter
+                    .as_deref()
+                    .and_then(|i| std::fs::File::open(i).ok())
+                    .and_then(|f| elf::read(&f).ok())
+                    .map(|f| f.is_static()),
                 shadowed: s.shadowed.clone(),
                 qemu_version: q.as_deref().and_then(qemu_version),
                 qemu: q.map(|q| q.display().to_string()),
@@ -577,6 +585,20 @@ pub fn findings(h: &Host, bins: &[Binary]) -> Vec<Finding> {
                 if !f.contains('F') {
                     needs_files.push(PathBuf::from(i));
                 }
+            }
+            if s.interpreter_static == Some(false) && (n.sandbox == "true" || n.sandbox == "relaxed") {
+                out.push(finding(
+                    "warning",
+                    s.system,
+                    format!(
+                        "{} is dynamically linked: inside the Nix sandbox its loader and libraries are not visible",
+                        s.interpreter.as_deref().unwrap_or("?")
+                    ),
+                    Some(format!(
+                        "register a static nixqimg: nixqimg register --interpreter STATIC-NIXQIMG {}",
+                        s.system
+                    )),
+                ));
             }
             if s.served_by_nixqimg {
                 if let Some(q) = &s.qemu {
@@ -931,6 +953,7 @@ mod tests {
             flags: Some(flags.into()),
             interpreter: Some("/i".into()),
             interpreter_exists: exists,
+            interpreter_static: Some(true),
             shadowed: vec![],
             qemu: Some("/usr/bin/qemu-aarch64-static".into()),
             qemu_static: Some(true),

@@ -234,4 +234,14 @@ d {good}
     assert_eq!(problems(&j), Vec::<(String, String)>::new());
     assert_eq!(rc, "rc=0");
     assert_eq!(j["host"]["nix"]["extra_platforms"], serde_json::json!(["aarch64-linux"]));
+    // The nixqimg under test is a dynamic build: fine here, not inside a sandboxed build.
+    let warn = j["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["severity"] == "warning" && f["subject"] == "aarch64-linux");
+    assert_eq!(
+        warn.unwrap()["what"],
+        format!("{NIXQIMG} is dynamically linked: inside the Nix sandbox its loader and libraries are not visible")
+    );
 }
