@@ -703,7 +703,7 @@ pub fn findings(h: &Host, bins: &[Binary]) -> Vec<Finding> {
                         } else if let Some(e) = &t.error {
                             e.clone()
                         } else {
-                            format!("exit {:?}", t.exit_code.or(t.signal.map(|s| 128 + s)))
+                            status_text(t.exit_code, t.signal)
                         },
                         if said.is_empty() { String::new() } else { format!(": {said}") }
                     ),
@@ -845,7 +845,7 @@ pub fn render(r: &Report) -> String {
                 } else if let Some(e) = &t.error {
                     e.clone()
                 } else {
-                    format!("exit {}", t.exit_code.map_or_else(|| format!("signal {:?}", t.signal), |c| c.to_string()))
+                    status_text(t.exit_code, t.signal)
                 }
             );
             for (tag, text) in [("stdout", &t.stdout), ("stderr", &t.stderr)] {
@@ -886,6 +886,15 @@ pub fn run(a: Args) -> Result<()> {
             .code(code::FAILURE));
     }
     Ok(())
+}
+
+/// How a `--try` run ended, in words.
+fn status_text(code: Option<i32>, signal: Option<i32>) -> String {
+    match (code, signal) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        (None, None) => "no exit status".to_string(),
+    }
 }
 
 #[cfg(test)]
