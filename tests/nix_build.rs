@@ -239,3 +239,28 @@ fn build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system() {
         "{e}"
     );
 }
+
+#[test]
+fn build_refuses_what_cannot_work_with_one_line_fixes() {
+    // No nix on PATH.
+    let r = Command::new(NIXQIMG).args(["build", "path:/nonexistent"]).env("PATH", "/nonexistent").output().unwrap();
+    assert_eq!(r.status.code(), Some(127));
+    assert_eq!(
+        text(&r.stderr),
+        "nixqimg: nix not found in PATH (install Nix (Debian: apt install nix-bin; elsewhere https://nixos.org/download))\n"
+    );
+    // A daemon-based Nix does not see a private namespace: --ns is refused before anything runs.
+    let store = Store::new("daemon");
+    let r = store
+        .cmd(NIXQIMG)
+        .env("NIX_REMOTE", "daemon")
+        .args(["build", "path:/nonexistent", "--ns", "--interpreter"])
+        .arg(static_nixqimg())
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    assert_eq!(
+        text(&r.stderr),
+        "nixqimg: this Nix builds through nix-daemon, which does not see a private namespace (use the NixOS module (nixqimg.binfmt.enable) or `nixqimg register` instead of --ns)\n"
+    );
+}
