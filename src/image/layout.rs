@@ -68,9 +68,8 @@ pub fn root_estimate(data: u64, inodes: u64) -> (u64, u64) {
     let want_inodes = inodes + inodes / 4 + 2048;
     let journal = 64 * MIB;
     let mut size = data + data / 10 + journal + 32 * MIB;
-    let mut n = want_inodes;
     for _ in 0..3 {
-        n = want_inodes.max(size / 16384);
+        let n = want_inodes.max(size / 16384);
         size = data + data / 10 + journal + 32 * MIB + n * 256 + size / 64;
     }
     let size = round_up(size, MIB);
