@@ -8,7 +8,7 @@ use crate::{elf, interp, logging};
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -133,7 +133,6 @@ fn exec_cmd(a: ExecArgs) -> Result<()> {
             .hint("install qemu-user-static or set NIXQIMG_QEMU_DIR")
             .code(code::NOT_FOUND)
     })?;
-    cfg.sysroots.push(Path::new("/usr").join(facts.arch.gnu_triplet));
     let req = Request {
         program: a.binary.as_os_str(),
         path: a.binary.as_os_str(),

@@ -216,7 +216,6 @@ fn plan_for(path: &Path, facts: &ElfFacts, strategy: Strategy, page_size: u64) -
         Error::new(format!("no qemu-{} found", facts.arch.qemu))
             .hint("install qemu-user-static or set NIXQIMG_QEMU_DIR")
     })?;
-    cfg.sysroots.push(Path::new("/usr").join(facts.arch.gnu_triplet));
     let req = Request {
         program: path.as_os_str(),
         path: path.as_os_str(),

@@ -67,7 +67,7 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
     let execfd = exec::auxv(libc::AT_EXECFD);
     let self_exe = std::fs::read_link("/proc/self/exe").ok();
     let env: &dyn config::Env = if secure { &config::NoEnv } else { &config::ProcessEnv };
-    let mut cfg = config::load(self_exe.as_deref(), env, secure);
+    let cfg = config::load(self_exe.as_deref(), env, secure);
     let _log = crate::logging::init(cfg.log.as_deref(), cfg.log_file.as_deref());
 
     let path = &args[1];
@@ -116,7 +116,6 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
         hint: "install qemu-user-static, or set qemu_dir in nixqimg.conf beside nixqimg, or NIXQIMG_QEMU_DIR",
         code: code::NOT_FOUND,
     })?;
-    cfg.sysroots.push(Path::new("/usr").join(facts.arch.gnu_triplet));
     let req = Request {
         program: &program,
         path,

@@ -72,6 +72,7 @@ pub struct Request<'a> {
     pub facts: &'a ElfFacts,
     pub qemu: PathBuf,
     pub strategy: Strategy,
+    /// Configured sysroots; Debian's `/usr/<gnu-triplet>` is always searched after them.
     pub sysroots: &'a [PathBuf],
     pub page_size: u64,
     /// AT_SECURE: strip everything that could steer qemu.
@@ -169,6 +170,13 @@ pub fn search_dirs(runpath: &[u8], origin: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The configured sysroots, then Debian's cross sysroot for the architecture (`/usr/<gnu-triplet>`).
+fn sysroots(req: &Request) -> Vec<PathBuf> {
+    let mut v = req.sysroots.to_vec();
+    v.push(Path::new("/usr").join(req.facts.arch.gnu_triplet));
+    v
+}
+
 /// Where the program's loader really is: PT_INTERP itself, else the same file name in the program's
 /// bootstrap-tools tree, its RUNPATH directories, or a sysroot.
 fn find_loader(
@@ -218,7 +226,7 @@ fn find_loader(
             }
         }
     }
-    for root in req.sysroots {
+    for root in &sysroots(req) {
         let rel = interp.strip_prefix("/").unwrap_or(interp);
         for cand in [root.join(rel), root.join("lib").join(&name), root.join("lib64").join(&name)] {
             if let Some(l) = try_at(cand, &mut looked) {
@@ -256,7 +264,7 @@ fn missing_library_dirs(
         .parent()
         .map(Path::to_path_buf)
         .into_iter()
-        .chain(req.sysroots.iter().flat_map(|s| [s.join("lib"), s.join("lib64"), s.join("usr/lib")]))
+        .chain(sysroots(req).iter().flat_map(|s| [s.join("lib"), s.join("lib64"), s.join("usr/lib")]))
         .collect();
     for lib in &req.facts.needed {
         let lib = Path::new(OsStr::from_bytes(lib));
@@ -593,7 +601,16 @@ mod tests {
         let f = facts(Some("/nope/ld-linux-aarch64.so.1"), 3, 0, Some("$ORIGIN/../lib"), &[]);
         let e = plan(&req(&f, "/p/bin/x", &[], vec![], Strategy::Auto, 4096), &fs(&[])).unwrap_err();
         let PlanError::LoaderMissing { looked, .. } = e;
-        assert_eq!(looked, vec![PathBuf::from("/p/bin/../lib/ld-linux-aarch64.so.1")]);
+        let want: Vec<PathBuf> = [
+            "/p/bin/../lib/ld-linux-aarch64.so.1",
+            "/usr/aarch64-linux-gnu/nope/ld-linux-aarch64.so.1",
+            "/usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1",
+            "/usr/aarch64-linux-gnu/lib64/ld-linux-aarch64.so.1",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        assert_eq!(looked, want);
     }
 
     #[test]
