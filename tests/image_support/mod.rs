@@ -63,6 +63,10 @@ pub fn store() -> Store {
                 std::fs::create_dir_all(&bb).unwrap();
                 std::fs::copy("/bin/busybox", bb.join("busybox")).expect("/bin/busybox (busybox-static)");
             }
+            // Nix creates its state directories on first use and races with itself when two tests
+            // start at once ("creating symlink ... gcroots/profiles: File exists"): do it once here.
+            let init = Store { dir: dir.clone() }.cmd("nix-store").arg("--init").output().expect("run nix-store");
+            assert!(init.status.success(), "nix-store --init: {}", String::from_utf8_lossy(&init.stderr));
             dir
         })
         .clone();
