@@ -181,7 +181,7 @@ pub fn plan_register(
             o.enabled && o.interpreter == want.interpreter && o.flags == want.flags && o.matcher == want.matcher
         });
         let others: Vec<&Entry> = entries.iter().filter(|e| e.enabled && e.name != name && e.serves(a)).collect();
-        let we_win = same && others.iter().all(|o| ours.is_some_and(|us| us.ino > o.ino));
+        let we_win = same && others.iter().all(|o| ours.is_some_and(|us| us.order > o.order));
         if !others.is_empty() && !replace && !we_win {
             let o = others[0];
             return Err(Error::new(format!(
@@ -227,7 +227,7 @@ pub fn plan_unregister(entries: &[Entry], systems: Option<&[&'static Arch]>) -> 
             continue;
         }
         let mut disabled: Vec<&Entry> = entries.iter().filter(|e| !e.enabled && !gone(e) && e.serves(a)).collect();
-        disabled.sort_by_key(|e| std::cmp::Reverse(e.ino));
+        disabled.sort_by_key(|e| std::cmp::Reverse(e.order));
         if let Some(d) = disabled.first() {
             if !steps.iter().any(|s| matches!(s, Step::Enable { name, .. } if *name == d.name)) {
                 steps.push(Step::Enable { name: d.name.clone(), system: a.nix_system });
@@ -480,11 +480,11 @@ mod tests {
         assert!(normalize_flags("X").is_err());
     }
 
-    fn entry(name: &str, interp: &str, flags: &str, enabled: bool, ino: u64) -> Entry {
+    fn entry(name: &str, interp: &str, flags: &str, enabled: bool, order: u64) -> Entry {
         let a = by_name("aarch64").unwrap();
         let mut e = lines::parse(&registration_line(a, name, Path::new(interp), flags).unwrap()).unwrap();
         e.enabled = enabled;
-        e.ino = ino;
+        e.order = order;
         e
     }
 

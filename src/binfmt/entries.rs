@@ -3,14 +3,15 @@
 //!
 //! Order: the kernel keeps entries in a list, adds each new one at the head and uses the first
 //! enabled match, so the newest registration wins (checked in a private instance: two entries for
-//! the same magic, the later one ran; after re-registering the first, it ran). procfs shows no order,
-//! but each entry's inode number comes from the kernel's `get_next_ino()` at registration, which grows
-//! with time (per-CPU batches can in principle invert two registrations made on different CPUs).
+//! the same magic, the later one ran; after re-registering the first, it ran). The directory lists
+//! its entries newest first (raw getdents order; measured: six entries registered from alternating
+//! CPUs list in reverse registration order, a re-registered one moves to the front). Inode numbers do
+//! NOT give the order: `get_next_ino()` hands out per-CPU batches, and entries registered on the other
+//! CPU got smaller numbers (seen here, and it made a test of `status` fail one run in three).
 //! We do not use the procfs crate here: its binfmt parser `dbg!`s every magic to stderr, reads only
-//! the fixed path and drops the inode numbers we order by.
+//! the fixed path and sorts the names, which loses the order.
 
 use crate::arch::{Arch, Endian, ARCHES};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 pub const DIR: &str = "/proc/sys/fs/binfmt_misc";
@@ -29,7 +30,7 @@ pub struct Entry {
     pub flags: String,
     pub matcher: Matcher,
     /// Inode number: registration order (see module docs).
-    pub ino: u64,
+    pub order: u64,
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -42,7 +43,7 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 
 /// Parses one entry file as the kernel prints it (`enabled`, `interpreter X`, `flags: PF`,
 /// `offset N`, `magic HEX`, `mask HEX` or `extension .EXT`).
-pub fn parse(name: &str, text: &str, ino: u64) -> Option<Entry> {
+pub fn parse(name: &str, text: &str, order: u64) -> Option<Entry> {
     let (mut enabled, mut interpreter, mut flags) = (false, String::new(), String::new());
     let (mut offset, mut magic, mut mask, mut ext) = (0usize, None, None, None);
     for line in text.lines() {
@@ -70,7 +71,7 @@ pub fn parse(name: &str, text: &str, ino: u64) -> Option<Entry> {
         }
         (None, None) => return None,
     };
-    Some(Entry { name: name.to_string(), enabled, interpreter, flags, matcher, ino })
+    Some(Entry { name: name.to_string(), enabled, interpreter, flags, matcher, order })
 }
 
 /// What `dir` holds: whether it is a mounted binfmt_misc, its global status, and every entry.
@@ -89,21 +90,22 @@ pub fn read(dir: &Path) -> Instance {
     let enabled = std::fs::read_to_string(dir.join("status")).is_ok_and(|s| s.trim() == "enabled");
     let mut entries = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
-        for de in rd.flatten() {
+        // std's read_dir yields getdents order: newest entry first. Larger `order` is newer.
+        for (pos, de) in rd.flatten().enumerate() {
             let name = de.file_name().to_string_lossy().into_owned();
             if name == "register" || name == "status" {
                 continue;
             }
-            let Ok(meta) = de.metadata() else { continue };
+            let order = u64::MAX / 2 - pos as u64;
             // Entry files are a few hundred bytes; an entry removed meanwhile just drops out.
             if let Ok(text) = std::fs::read_to_string(de.path()) {
-                if let Some(e) = parse(&name, &text, meta.ino()) {
+                if let Some(e) = parse(&name, &text, order) {
                     entries.push(e);
                 }
             }
         }
     }
-    entries.sort_by(|a, b| b.ino.cmp(&a.ino).then(a.name.cmp(&b.name)));
+    entries.sort_by(|a, b| b.order.cmp(&a.order).then(a.name.cmp(&b.name)));
     Instance { mounted, enabled, entries }
 }
 
@@ -149,7 +151,7 @@ impl Entry {
 /// the first one is what the kernel uses.
 pub fn candidates<'a>(entries: &'a [Entry], arch: &Arch) -> Vec<&'a Entry> {
     let mut v: Vec<&Entry> = entries.iter().filter(|e| e.enabled && e.serves(arch)).collect();
-    v.sort_by_key(|e| std::cmp::Reverse(e.ino));
+    v.sort_by_key(|e| std::cmp::Reverse(e.order));
     v
 }
 
@@ -196,7 +198,7 @@ mod tests {
             interpreter: "/x".into(),
             flags: String::new(),
             matcher: Matcher::Magic { offset: 250, magic: vec![1, 2], mask: vec![0xff, 0xff] },
-            ino: 1,
+            order: 1,
         };
         assert!(e.systems().is_empty());
     }

@@ -57,7 +57,7 @@ pub fn parse(line: &str) -> Option<Entry> {
         interpreter: f[5].to_string(),
         flags: f.get(6).unwrap_or(&"").to_string(),
         matcher,
-        ino: 0,
+        order: 0,
     })
 }
 

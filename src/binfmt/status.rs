@@ -40,7 +40,7 @@ pub struct EntryStatus {
     pub flags: String,
     /// Nix systems whose programs this entry matches.
     pub systems: Vec<&'static str>,
-    /// Registration order (the entry's inode number): larger is newer, and the kernel tries newer first.
+    /// Registration order (from the directory's listing order): larger is newer, and the kernel tries newer first.
     pub order: u64,
 }
 
@@ -93,7 +93,7 @@ pub fn build(path: &Path, inst: &Instance, natives: &[Native], exists: &dyn Fn(&
                 interpreter_exists: exists(&e.interpreter),
                 flags: e.flags.clone(),
                 systems: e.systems().iter().map(|a| a.nix_system).collect(),
-                order: e.ino,
+                order: e.order,
             }
         })
         .collect();
@@ -201,9 +201,9 @@ mod tests {
     const M: &str =
         "offset 0\nmagic 7f454c460201010000000000000000000200b700\nmask ffffffffffffff00fffffffffffffffffeffffff\n";
 
-    fn entry(name: &str, enabled: bool, ino: u64) -> Entry {
+    fn entry(name: &str, enabled: bool, order: u64) -> Entry {
         let text = format!("{}\ninterpreter /i/{name}\nflags: PF\n{M}", if enabled { "enabled" } else { "disabled" });
-        entries::parse(name, &text, ino).unwrap()
+        entries::parse(name, &text, order).unwrap()
     }
 
     #[test]
