@@ -55,3 +55,60 @@ fn run(args: Vec<OsString>) -> u8 {
     let _ = std::io::Write::flush(&mut std::io::stdout());
     code
 }
+
+/// The interpreter lives a few hundred microseconds and then execs qemu; musl's allocator maps and
+/// unmaps pages for each size class it meets. A bump arena serves the first allocations (all of the
+/// interpreter's), freeing nothing; past it, and for everything larger, the system allocator.
+mod arena {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::UnsafeCell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const SIZE: usize = 256 * 1024;
+    #[repr(C, align(64))]
+    struct Buf(UnsafeCell<[u8; SIZE]>);
+    // SAFETY: disjoint ranges of the buffer are handed out through the atomic cursor below.
+    unsafe impl Sync for Buf {}
+    static BUF: Buf = Buf(UnsafeCell::new([0; SIZE]));
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+    pub struct Arena;
+
+    fn base() -> usize {
+        BUF.0.get() as usize
+    }
+
+    // SAFETY: every pointer returned is either a fresh, suitably aligned, unshared range of BUF
+    // (claimed with compare_exchange, never reused) or comes from System, to which it is returned.
+    unsafe impl GlobalAlloc for Arena {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            if layout.size() <= SIZE / 4 {
+                let mut cur = NEXT.load(Ordering::Relaxed);
+                loop {
+                    let start = (base() + cur).next_multiple_of(layout.align()) - base();
+                    let end = start + layout.size();
+                    if end > SIZE {
+                        break;
+                    }
+                    match NEXT.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
+                        Ok(_) => return (base() + start) as *mut u8,
+                        Err(now) => cur = now,
+                    }
+                }
+            }
+            // SAFETY: forwarded with the caller's layout.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            let p = ptr as usize;
+            if p >= base() && p < base() + SIZE {
+                return;
+            }
+            // SAFETY: not from the arena, so from System with this layout.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+}
+
+#[global_allocator]
+static ALLOC: arena::Arena = arena::Arena;
