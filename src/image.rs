@@ -8,7 +8,7 @@
 
 mod bootspec;
 mod closure;
-mod esp;
+pub(crate) mod esp;
 mod ids;
 mod layout;
 mod nixdb;

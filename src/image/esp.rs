@@ -112,7 +112,7 @@ pub fn plan(i: &PlanInput) -> std::result::Result<EspPlan, String> {
 /// FAT's first representable instant, 1980-01-01 00:00: entries carry no build time (fatfs without
 /// chrono would write the invalid date 1980-00-00).
 #[derive(Debug)]
-struct Epoch1980;
+pub(crate) struct Epoch1980;
 
 impl fatfs::TimeProvider for Epoch1980 {
     fn get_current_date(&self) -> fatfs::Date {
@@ -123,7 +123,7 @@ impl fatfs::TimeProvider for Epoch1980 {
     }
 }
 
-static EPOCH_1980: Epoch1980 = Epoch1980;
+pub(crate) static EPOCH_1980: Epoch1980 = Epoch1980;
 
 /// The same instant as a Unix time, for tools that stamp FAT entries themselves (mtools).
 pub const FAT_EPOCH: u64 = 315_532_800;
