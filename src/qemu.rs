@@ -217,16 +217,84 @@ fn find_uefi(arch: &Arch) -> Result<Uefi> {
     })
 }
 
-/// The architecture a disk's ESP boots, from the 8.3 directory entry of its default loader. The entry
-/// names (11 bytes, space padded) cannot occur in a directory for any other file, and a deleted entry
-/// starts with 0xE5, so a byte search over the ESP is exact enough and needs no FAT reader.
-pub fn arch_from_esp(esp: &[u8]) -> Option<&'static Arch> {
-    let x86 = memchr::memmem::find(esp, b"BOOTX64 EFI").is_some();
-    let arm = memchr::memmem::find(esp, b"BOOTAA64EFI").is_some();
-    match (x86, arm) {
+/// The architecture of the default loaders in an ESP's `EFI/BOOT`: one of them must be there, not both.
+pub fn arch_from_loaders<S: AsRef<str>>(names: &[S]) -> Option<&'static Arch> {
+    let has = |n: &str| names.iter().any(|m| m.as_ref().eq_ignore_ascii_case(n));
+    match (has("BOOTX64.EFI"), has("BOOTAA64.EFI")) {
         (true, false) => arch::by_name("x86_64"),
         (false, true) => arch::by_name("aarch64"),
         _ => None,
+    }
+}
+
+/// The file names in `EFI/BOOT` of a FAT volume.
+fn loader_names<T: fatfs::ReadWriteSeek>(volume: T) -> Option<Vec<String>> {
+    let fs = fatfs::FileSystem::new(volume, fatfs::FsOptions::new()).ok()?;
+    let dir = fs.root_dir().open_dir("EFI/BOOT").ok()?;
+    let names = dir.iter().filter_map(|e| e.ok()).map(|e| e.file_name()).take(1024).collect();
+    Some(names)
+}
+
+/// Bytes fetched from the disk in chunks, on first use: what a FAT reader touches to walk to `EFI/BOOT`
+/// is the boot sector, a few FAT sectors and three directories, a few hundred KiB of a 256 MiB ESP.
+struct LazyEsp<'a> {
+    image: &'a Path,
+    qcow2: bool,
+    tmp: &'a Path,
+    start: u64,
+    len: u64,
+    pos: u64,
+    chunks: std::collections::HashMap<u64, Vec<u8>>,
+    fetched: u64,
+}
+
+const CHUNK: u64 = 64 << 10;
+/// A walk that needs more than this is not a plain ESP: we stop rather than read the disk.
+const ESP_READ_CAP: u64 = 8 << 20;
+
+impl Read for LazyEsp<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.len || buf.is_empty() {
+            return Ok(0);
+        }
+        let index = self.pos / CHUNK;
+        if !self.chunks.contains_key(&index) {
+            let want = CHUNK.min(self.len - index * CHUNK);
+            if self.fetched + want > ESP_READ_CAP {
+                return Err(std::io::Error::other("the ESP walk read too much"));
+            }
+            let bytes = read_disk(self.image, self.qcow2, self.start + index * CHUNK, want, self.tmp)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            self.fetched += want;
+            self.chunks.insert(index, bytes);
+        }
+        let chunk = &self.chunks[&index];
+        let off = (self.pos - index * CHUNK) as usize;
+        let n = buf.len().min(chunk.len().saturating_sub(off));
+        buf[..n].copy_from_slice(&chunk[off..off + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for LazyEsp<'_> {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "the ESP is read, never written"))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::io::Seek for LazyEsp<'_> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let p = match to {
+            std::io::SeekFrom::Start(p) => Some(p),
+            std::io::SeekFrom::End(d) => self.len.checked_add_signed(d),
+            std::io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = p.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek outside the ESP"))?;
+        Ok(self.pos)
     }
 }
 
@@ -277,28 +345,22 @@ fn read_disk(image: &Path, qcow2: bool, off: u64, len: u64, tmp: &Path) -> Resul
     }
     let out = tmp.join("part.raw");
     let _ = std::fs::remove_file(&out);
-    // qemu-img dd counts in bs units; 512 always divides GPT offsets.
-    let bs = if off % (1 << 20) == 0 && len % (1 << 20) == 0 { 1u64 << 20 } else { 512 };
+    // A raw node over the qcow2 with offset and size: the window converts as a whole image. (qemu-img dd
+    // is no help: 7.2 counts `count` from the start of the disk, later versions after `skip`.)
+    let mut opts = OsString::from(format!("driver=raw,offset={off},size={len},file.driver=qcow2,"));
+    opts.push(drive_arg("file.file.filename=", image));
     let st = Command::new("qemu-img")
-        .args(["dd", "-f", "qcow2", "-O", "raw"])
-        .arg(format!("bs={bs}"))
-        .arg(format!("skip={}", off / bs))
-        .arg(format!("count={}", len / bs))
-        .arg(os_concat("if=", image))
-        .arg(os_concat("of=", &out))
+        .args(["convert", "--image-opts"])
+        .arg(opts)
+        .args(["-O", "raw"])
+        .arg(&out)
         .stdout(Stdio::null())
         .status()
         .map_err(|e| Error::new(format!("cannot run qemu-img: {e}")).hint("install the Debian package qemu-utils"))?;
     if !st.success() {
-        return Err(Error::new(format!("{}: qemu-img dd failed ({st})", image.display())));
+        return Err(Error::new(format!("{}: qemu-img convert failed ({st})", image.display())));
     }
     std::fs::read(&out).map_err(|e| Error::io(&out, e))
-}
-
-fn os_concat(a: &str, p: &Path) -> OsString {
-    let mut s = OsString::from(a);
-    s.push(p);
-    s
 }
 
 fn detect_arch(image: &Path, qcow2: bool, tmp: &Path) -> Result<&'static Arch> {
@@ -307,9 +369,10 @@ fn detect_arch(image: &Path, qcow2: bool, tmp: &Path) -> Result<&'static Arch> {
         Error::new(format!("{}: cannot tell the guest's architecture from the image", image.display()))
             .hint("pass --arch x86_64 or --arch aarch64")
     };
-    let (off, len) = esp_range(&head).ok_or_else(unknown)?;
-    let esp = read_disk(image, qcow2, off, len, tmp)?;
-    arch_from_esp(&esp).ok_or_else(unknown)
+    let (start, len) = esp_range(&head).ok_or_else(unknown)?;
+    let esp = LazyEsp { image, qcow2, tmp, start, len, pos: 0, chunks: Default::default(), fetched: 0 };
+    let names = loader_names(esp).ok_or_else(unknown)?;
+    arch_from_loaders(&names).ok_or_else(unknown)
 }
 
 /// A directory removed when the run ends, whatever happens (it holds the VARS copy and a made seed).
@@ -524,7 +587,11 @@ fn watch(bin: &str, argv: &[OsString], until: Option<&str>, timeout: Option<Dura
     })?;
     let mut child = Reaped(child);
     let (tx, rx) = mpsc::channel::<()>();
-    if let (Some(mut out), Some(marker)) = (child.0.stdout.take(), until.map(|s| s.as_bytes().to_vec())) {
+    // The console goes to our stdout in both modes; with a marker it is also scanned line by line.
+    // (Taking stdout only when a marker was given left `--timeout` alone with nobody reading the pipe:
+    // QEMU's writes failed with EPIPE and the console was lost.)
+    let reader = child.0.stdout.take().map(|mut out| {
+        let marker = until.map(|s| s.as_bytes().to_vec());
         std::thread::spawn(move || {
             let mut buf = [0u8; 8192];
             let mut line: Vec<u8> = Vec::new();
@@ -534,32 +601,37 @@ fn watch(bin: &str, argv: &[OsString], until: Option<&str>, timeout: Option<Dura
                     break;
                 }
                 let _ = stdout.lock().write_all(&buf[..n]);
+                let Some(marker) = &marker else { continue };
                 for &b in &buf[..n] {
                     line.push(b);
                     if b == b'\n' {
-                        if memchr::memmem::find(&line, &marker).is_some() {
+                        if memchr::memmem::find(&line, marker).is_some() {
                             let _ = stdout.lock().flush();
                             let _ = tx.send(());
                             return;
                         }
                         line.clear();
+                    } else if line.len() > 1 << 16 {
+                        // A console that never ends a line: keep only what could still hold the marker.
+                        line.drain(..line.len() - marker.len());
                     }
                 }
             }
-        });
-    } else if let Some(mut out) = child.0.stdout.take() {
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut out, &mut std::io::stdout());
-        });
-    }
+            let _ = stdout.lock().flush();
+        })
+    });
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         if rx.try_recv().is_ok() {
             return Ok(());
         }
         if let Some(st) = child.0.try_wait().map_err(|e| Error::new(format!("waiting for {bin}: {e}")))? {
-            // The console reader may still hold the marker's last line: give it a moment.
-            if rx.recv_timeout(Duration::from_millis(500)).is_ok() {
+            // QEMU is gone, so the pipe ends: let the reader pass on the console's last bytes (and
+            // maybe the marker) before we judge.
+            if let Some(r) = reader {
+                let _ = r.join();
+            }
+            if rx.try_recv().is_ok() {
                 return Ok(());
             }
             return match (until, st.code()) {
@@ -673,14 +745,27 @@ mod tests {
 
     #[test]
     fn arch_comes_from_the_default_loader_entry() {
-        let mut esp = vec![0u8; 4096];
-        esp[1000..1011].copy_from_slice(b"BOOTAA64EFI");
-        assert_eq!(arch_from_esp(&esp).unwrap().name, "aarch64");
-        esp[1000..1011].copy_from_slice(b"BOOTX64 EFI");
-        assert_eq!(arch_from_esp(&esp).unwrap().name, "x86_64");
-        esp[2000..2011].copy_from_slice(b"BOOTAA64EFI");
-        assert!(arch_from_esp(&esp).is_none(), "both loaders: ambiguous, ask for --arch");
-        assert!(arch_from_esp(&[0u8; 100]).is_none());
+        assert_eq!(arch_from_loaders(&["BOOTAA64.EFI"]).unwrap().name, "aarch64");
+        assert_eq!(arch_from_loaders(&["grub.cfg", "bootx64.efi"]).unwrap().name, "x86_64");
+        assert!(
+            arch_from_loaders(&["BOOTX64.EFI", "BOOTAA64.EFI"]).is_none(),
+            "both loaders: ambiguous, ask for --arch"
+        );
+        assert!(arch_from_loaders::<&str>(&[]).is_none());
+    }
+
+    #[test]
+    fn loaders_are_found_in_a_real_fat_volume() {
+        let mut v = std::io::Cursor::new(vec![0u8; 40 << 20]);
+        fatfs::format_volume(&mut v, fatfs::FormatVolumeOptions::new().fat_type(fatfs::FatType::Fat32)).unwrap();
+        {
+            let fs = fatfs::FileSystem::new(&mut v, fatfs::FsOptions::new()).unwrap();
+            fs.root_dir().create_dir("EFI").unwrap();
+            fs.root_dir().create_dir("EFI/BOOT").unwrap();
+            fs.root_dir().create_file("EFI/BOOT/BOOTAA64.EFI").unwrap();
+        }
+        v.set_position(0);
+        assert_eq!(loader_names(&mut v).unwrap(), [".", "..", "BOOTAA64.EFI"]);
     }
 
     #[test]

@@ -81,7 +81,15 @@ fn x86_64_hybrid_image_boots_under_ovmf_with_a_seed_and_under_seabios() {
     let (m, _) = boot(&img.path, &args!["--firmware", "bios"]);
     assert_eq!(m, "NIXQIMG-BOOT-OK arch=x86_64 firmware=bios serial=ds=nocloud-net seed=none");
 
+    // --timeout alone still shows the console (it used to be taken for a marker that was never given,
+    // and QEMU's writes failed with EPIPE): the guest powers off after its marker, and run exits 0.
     let _one = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let (code, out, err) =
+        nixqimg(&args!["run", img.path, "--accel", "tcg", "--snapshot", "--firmware", "bios", "--timeout", "240"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(marker(&out), "NIXQIMG-BOOT-OK arch=x86_64 firmware=bios serial=ds=nocloud-net seed=none");
+    assert!(out.contains("SYSLINUX"), "the console before the marker is missing:\n{out}");
+
     let (code, _out, err) =
         nixqimg(&args!["run", img.path, "--accel", "tcg", "--snapshot", "--until", "NEVER-PRINTED", "--timeout", "3",]);
     assert_eq!(code, 124, "{err}");
@@ -106,6 +114,18 @@ fn aarch64_image_boots_under_aavmf_and_its_arch_is_read_from_the_esp() {
         img.path.display()
     )));
     assert!(out.contains(" -smbios type=1,serial=ds=nocloud-net ") && out.contains("hostfwd=tcp:127.0.0.1:2222-:22"));
+    // Telling the arch reads only the ESP bytes it needs: under a 128 MiB file-size limit for the qcow2
+    // (room for the 64 MiB AAVMF_VARS copy; qemu-img dd used to copy the whole 256 MiB ESP into TMPDIR)
+    // and a 64 MiB data limit for a raw copy (whose ESP used to be read into memory whole).
+    let raw = dir.join("nixos.raw");
+    boot_support::run(std::process::Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&img.path).arg(&raw));
+    for (image, limit, what) in [(&img.path, libc::RLIMIT_FSIZE, "qcow2"), (&raw, libc::RLIMIT_DATA, "raw")] {
+        let (code, out, err) =
+            limited(&args!["run", image, "--dry-run"], limit, if what == "raw" { 64 << 20 } else { 128 << 20 });
+        assert_eq!((code, err.as_str()), (0, ""), "{what}");
+        assert!(out.starts_with("qemu-system-aarch64 "), "{what}: {out}");
+    }
+    std::fs::remove_file(&raw).unwrap();
     // No --arch: `run` reads BOOTAA64.EFI from the image's ESP; --ssh-key makes a seed for this run.
     // --accel auto on an x86_64 build machine: KVM cannot run an aarch64 guest, and run says so on one line.
     let (m, err) = boot(&img.path, &args!["--ssh-key", key, "--accel", "auto"]);
@@ -118,6 +138,26 @@ fn aarch64_image_boots_under_aavmf_and_its_arch_is_read_from_the_esp() {
     let prefix = "NIXQIMG-BOOT-OK arch=aarch64 firmware=uefi serial=ds=nocloud seed=instance-id=iid-";
     assert!(m.starts_with(prefix), "{m}");
     assert!(m.ends_with(",hostname=nixos,user-data=#cloud-config,ssh-keys=1"), "{m}");
+}
+
+/// `nixqimg ARGS` under one resource limit (it and what it runs).
+fn limited(args: &[&OsStr], resource: libc::__rlimit_resource_t, limit: u64) -> (i32, String, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_nixqimg"));
+    boot_support::nix_env(&mut cmd).args(args);
+    // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
+    unsafe {
+        cmd.pre_exec(move || {
+            let l = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            if libc::setrlimit(resource, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.stdin(std::process::Stdio::null()).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
 }
 
 #[test]
