@@ -84,19 +84,30 @@ pub fn minimal_paths(paths: &[PathBuf]) -> Vec<PathBuf> {
     out
 }
 
+/// The nix.conf name that adds to `extra-platforms`. The plain name replaces Nix's own default list
+/// (i686-linux and x86_64-v1..v4-linux on x86_64) in nix.conf and on the command line alike; the
+/// `extra-` prefix appends to any setting, this one included (measured on Nix 2.8 and 2.26).
+pub const ADD_PLATFORMS: &str = "extra-extra-platforms";
+
 impl Needs {
+    /// Lines to append to nix.conf; a setting with nothing to add is left out, not set empty.
     pub fn conf_lines(&self) -> String {
-        let paths: Vec<String> = self.sandbox_paths.iter().map(|p| p.display().to_string()).collect();
-        format!("extra-platforms = {}\nextra-sandbox-paths = {}\n", self.platforms.join(" "), paths.join(" "))
+        self.pairs().into_iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
     }
     /// `--option` pairs that give a single-user `nix` the same settings on its command line.
     pub fn options(&self) -> Vec<OsString> {
+        self.pairs().into_iter().flat_map(|(k, v)| ["--option".into(), OsString::from(k), OsString::from(v)]).collect()
+    }
+    fn pairs(&self) -> Vec<(&'static str, String)> {
         let paths: Vec<String> = self.sandbox_paths.iter().map(|p| p.display().to_string()).collect();
-        ["--option", "extra-platforms", &self.platforms.join(" ")]
-            .into_iter()
-            .chain(["--option", "extra-sandbox-paths", &paths.join(" ")])
-            .map(OsString::from)
-            .collect()
+        let mut out = Vec::new();
+        if !self.platforms.is_empty() {
+            out.push((ADD_PLATFORMS, self.platforms.join(" ")));
+        }
+        if !paths.is_empty() {
+            out.push(("extra-sandbox-paths", paths.join(" ")));
+        }
+        out
     }
     pub fn json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -285,7 +296,7 @@ pub struct Problem {
     pub fix: String,
 }
 
-/// Parses `nix show-config --json` (Nix 2.8's shape: `{"name": {"value": ...}}`).
+/// Parses `nix config show --json` or `nix show-config --json` (both `{"name": {"value": ...}}`).
 pub fn parse_show_config(
     json: &str,
     nix_remote: Option<&str>,
@@ -330,17 +341,35 @@ pub fn uses_daemon(store: &str, nix_remote: Option<&str>, daemon_socket: bool, s
     }
 }
 
-/// Runs `nix show-config` and `nix --version`. `None` when there is no usable nix.
-pub fn facts() -> Option<NixFacts> {
-    let out = Command::new("nix")
-        .args(["--extra-experimental-features", "nix-command", "show-config", "--json"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
+/// `nix --version`'s "nix (Nix) 2.26.3" as (2, 26); `None` when it says something else.
+pub fn parse_version(out: &str) -> Option<(u32, u32)> {
+    let v = out.trim().rsplit(' ').next()?;
+    let mut it = v.split(['.', 'p', 'r', '-', '+']).map(|n| n.parse::<u32>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+/// How to ask this Nix for its settings: `nix config show` from 2.20 on (where `show-config` became a
+/// deprecated alias that will go), `nix show-config` before (2.8 has no `config`). Unknown versions get
+/// the new spelling first; `facts` falls back to the other one.
+pub fn config_command(version: Option<(u32, u32)>) -> [&'static [&'static str]; 2] {
+    const NEW: &[&str] = &["config", "show", "--json"];
+    const OLD: &[&str] = &["show-config", "--json"];
+    match version {
+        Some(v) if v < (2, 20) => [OLD, NEW],
+        _ => [NEW, OLD],
     }
+}
+
+/// Runs `nix --version` and `nix config show` (or `show-config`). `None` when there is no usable nix.
+pub fn facts() -> Option<NixFacts> {
+    let quiet = |args: &[&str]| Command::new("nix").args(args).stdin(Stdio::null()).stderr(Stdio::null()).output().ok();
+    let version_text = quiet(&["--version"]).map(|v| String::from_utf8_lossy(&v.stdout).trim().to_string());
+    let version = version_text.as_deref().and_then(parse_version);
+    let out = config_command(version).into_iter().find_map(|cmd| {
+        let mut args = vec!["--extra-experimental-features", "nix-command"];
+        args.extend_from_slice(cmd);
+        quiet(&args).filter(|o| o.status.success())
+    })?;
     let state = std::env::var_os("NIX_STATE_DIR").map(PathBuf::from).unwrap_or_else(|| "/nix/var/nix".into());
     let socket = std::env::var_os("NIX_DAEMON_SOCKET_PATH")
         .map(PathBuf::from)
@@ -349,9 +378,7 @@ pub fn facts() -> Option<NixFacts> {
         || (!state.exists() && ::nix::unistd::geteuid().is_root());
     let remote = std::env::var("NIX_REMOTE").ok();
     let mut f = parse_show_config(&String::from_utf8_lossy(&out.stdout), remote.as_deref(), socket.exists(), writable)?;
-    if let Ok(v) = Command::new("nix").arg("--version").stdin(Stdio::null()).output() {
-        f.version = String::from_utf8_lossy(&v.stdout).trim().rsplit(' ').next().unwrap_or("").to_string();
-    }
+    f.version = version_text.as_deref().and_then(|t| t.rsplit(' ').next()).unwrap_or("").to_string();
     Some(f)
 }
 
@@ -368,7 +395,7 @@ pub fn problems(f: &NixFacts, needs: &Needs) -> Vec<Problem> {
         out.push(Problem {
             what: format!("Nix will refuse {} builds: not in extra-platforms", missing.join(", ")),
             fix: format!(
-                "add `extra-platforms = {}` to nix.conf (NixOS: nixqimg.binfmt.emulatedSystems)",
+                "append `{ADD_PLATFORMS} = {}` to nix.conf (NixOS: nixqimg.binfmt.emulatedSystems)",
                 missing.join(" ")
             ),
         });
@@ -420,7 +447,7 @@ pub fn classify(stderr: &str, system: &str, attr: &str, ns: bool) -> Option<Erro
         return e(
             format!("Nix refuses to build for {system} here: it is not in extra-platforms"),
             &format!(
-                "add `extra-platforms = {system}` to nix.conf (NixOS: nixqimg.binfmt.emulatedSystems), or use --ns"
+                "append `{ADD_PLATFORMS} = {system}` to nix.conf (NixOS: nixqimg.binfmt.emulatedSystems), or use --ns"
             ),
         );
     }
@@ -570,7 +597,7 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
 
     // Checks first: each problem that would make the build fail, with its fix.
     let facts = facts().ok_or_else(|| {
-        Error::new("nix does not run (`nix show-config` failed)")
+        Error::new("nix does not run (`nix config show` and `nix show-config` failed)")
             .hint("check your Nix installation")
             .code(code::NOT_FOUND)
     })?;
@@ -712,20 +739,43 @@ mod tests {
         );
         assert_eq!(
             n.conf_lines(),
-            "extra-platforms = aarch64-linux riscv64-linux\nextra-sandbox-paths = /n/nixqimg /q/qemu-aarch64-static\n"
+            "extra-extra-platforms = aarch64-linux riscv64-linux\nextra-sandbox-paths = /n/nixqimg /q/qemu-aarch64-static\n"
         );
         let o: Vec<String> = n.options().iter().map(|s| s.to_string_lossy().into_owned()).collect();
         assert_eq!(
             o,
             [
                 "--option",
-                "extra-platforms",
+                "extra-extra-platforms",
                 "aarch64-linux riscv64-linux",
                 "--option",
                 "extra-sandbox-paths",
                 "/n/nixqimg /q/qemu-aarch64-static"
             ]
         );
+    }
+
+    #[test]
+    fn nothing_to_add_sets_nothing() {
+        // `--option extra-platforms ""` used to wipe the user's own list when no foreign system was asked.
+        let n = needs(&[], &[]);
+        assert_eq!((n.conf_lines().as_str(), n.options().len()), ("", 0));
+        let only_paths = needs(&[], &[PathBuf::from("/q")]);
+        assert_eq!(only_paths.conf_lines(), "extra-sandbox-paths = /q\n");
+    }
+
+    #[test]
+    fn the_settings_command_follows_the_nix_version() {
+        assert_eq!(parse_version("nix (Nix) 2.8.0"), Some((2, 8)));
+        assert_eq!(parse_version("nix (Nix) 2.26.3\n"), Some((2, 26)));
+        assert_eq!(parse_version("nix (Nix) 2.31pre20250712_abcdef"), Some((2, 31)));
+        assert_eq!(parse_version("nix (Lix, like Nix) 2.91.1"), Some((2, 91)));
+        assert_eq!(parse_version("garbage"), None);
+        assert_eq!(config_command(Some((2, 8)))[0], ["show-config", "--json"]);
+        assert_eq!(config_command(Some((2, 19)))[0], ["show-config", "--json"]);
+        assert_eq!(config_command(Some((2, 20)))[0], ["config", "show", "--json"]);
+        assert_eq!(config_command(Some((2, 26)))[0], ["config", "show", "--json"]);
+        assert_eq!(config_command(None), [&["config", "show", "--json"][..], &["show-config", "--json"][..]]);
     }
 
     #[test]
@@ -738,7 +788,7 @@ mod tests {
         let n = needs(&[a("aarch64")], &[PathBuf::from("/q/qemu-aarch64-static"), PathBuf::from("/n/nixqimg")]);
         let p = problems(&f, &n);
         assert_eq!(p.len(), 2, "{p:?}");
-        assert!(p[0].fix.contains("extra-platforms = aarch64-linux"));
+        assert!(p[0].fix.contains("`extra-extra-platforms = aarch64-linux`"), "{}", p[0].fix);
         assert!(p[1].what.ends_with("/n/nixqimg") && p[1].fix.contains("extra-sandbox-paths = /n/nixqimg"));
         let ok = NixFacts {
             extra_platforms: vec!["aarch64-linux".into()],

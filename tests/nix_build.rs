@@ -200,7 +200,7 @@ fn build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system() {
         .unwrap();
     assert_eq!(r.status.code(), Some(1));
     let e = text(&r.stderr);
-    assert!(e.starts_with("nixqimg: Nix will refuse aarch64-linux builds: not in extra-platforms (add `extra-platforms = aarch64-linux`"), "{e}");
+    assert!(e.starts_with("nixqimg: Nix will refuse aarch64-linux builds: not in extra-platforms (append `extra-extra-platforms = aarch64-linux`"), "{e}");
 
     // A dynamically linked nixqimg is registered (F pins the file, not its loader and libraries):
     // inside the sandbox the kernel cannot start it, and the build fails with that diagnosis.
@@ -263,4 +263,36 @@ fn build_refuses_what_cannot_work_with_one_line_fixes() {
         text(&r.stderr),
         "nixqimg: this Nix builds through nix-daemon, which does not see a private namespace (use the NixOS module (nixqimg.binfmt.enable) or `nixqimg register` instead of --ns)\n"
     );
+}
+
+#[test]
+fn nix_config_lines_add_to_nixs_own_platforms_instead_of_replacing_them() {
+    let store = Store::new("platforms");
+    let show = |store: &Store| {
+        let r = store.cmd("nix").args(["show-config", "--json"]).output().unwrap();
+        assert!(r.status.success(), "{}", text(&r.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+        let list = v["extra-platforms"]["value"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string());
+        list.collect::<Vec<_>>()
+    };
+    let defaults = show(&store);
+    assert!(defaults.iter().any(|p| p == "i686-linux"), "Nix's own list: {defaults:?}");
+    // The lines go to the end of the user's nix.conf, as the README says.
+    let r = Command::new(NIXQIMG)
+        .args(["nix-config", "--systems", "aarch64-linux", "--interpreter"])
+        .arg(static_nixqimg())
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let conf = store.dir.join("etc/nix.conf");
+    let mut c = std::fs::read_to_string(&conf).unwrap();
+    c.push_str(&text(&r.stdout));
+    std::fs::write(&conf, c).unwrap();
+    let after = show(&store);
+    let mut want = defaults.clone();
+    want.push("aarch64-linux".into());
+    want.sort();
+    let mut got = after.clone();
+    got.sort();
+    assert_eq!(got, want, "nix-config printed:\n{}", text(&r.stdout));
 }

@@ -211,7 +211,7 @@ pub fn nix_config_options(interpreter: &Path) -> Vec<String> {
     let words = |k: &str| v[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect::<Vec<_>>().join(" ");
     vec![
         "--option".into(),
-        "extra-platforms".into(),
+        "extra-extra-platforms".into(),
         words("extra-platforms"),
         "--option".into(),
         "extra-sandbox-paths".into(),
