@@ -103,11 +103,12 @@ pub fn load(self_exe: Option<&Path>, env: &dyn Env, secure: bool) -> Config {
             c.log_file = Some(PathBuf::from(f));
         }
     }
-    if let Some(dir) = own_dir {
-        c.qemu_dirs.push(dir.to_path_buf());
+    // Each directory once: nixqimg installed in /usr/local/bin listed it twice.
+    for d in own_dir.into_iter().chain([Path::new("/usr/bin"), Path::new("/usr/local/bin")]) {
+        if !c.qemu_dirs.iter().any(|q| q == d) {
+            c.qemu_dirs.push(d.to_path_buf());
+        }
     }
-    c.qemu_dirs.push(PathBuf::from("/usr/bin"));
-    c.qemu_dirs.push(PathBuf::from("/usr/local/bin"));
     c
 }
 
@@ -218,5 +219,12 @@ mod tests {
         assert!(!c.qemu_dirs.contains(&PathBuf::from("/evil")));
         assert_eq!(c.log, None);
         assert_eq!(c.strategy, Strategy::Auto);
+    }
+
+    #[test]
+    fn nixqimg_in_usr_local_bin_lists_that_directory_once() {
+        let c = load(Some(Path::new("/usr/local/bin/nixqimg")), &MapEnv(HashMap::new()), false);
+        let n = c.qemu_dirs.iter().filter(|d| *d == Path::new("/usr/local/bin")).count();
+        assert_eq!(n, 1, "{:?}", c.qemu_dirs);
     }
 }

@@ -74,6 +74,10 @@ pub struct Host {
     pub systems: Vec<SystemFact>,
     pub nix: Option<NixFact>,
     pub in_container: bool,
+    /// Whose binfmt_misc this process sees: "host", "container" (a container sharing the host's),
+    /// "nixqimg-ns" (the private instance of `nixqimg ns`), "user-namespace" (another user namespace:
+    /// its own instance if it mounted one, else its parent's).
+    pub binfmt_scope: &'static str,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -415,6 +419,26 @@ fn in_container() -> bool {
     Path::new("/.dockerenv").exists() || Path::new("/run/.containerenv").exists()
 }
 
+/// The initial user namespace's inode number, fixed by the kernel (PROC_USER_INIT_INO).
+const INIT_USER_NS_INO: u64 = 0xEFFF_FFFD;
+
+/// See `Host::binfmt_scope`. A container's marker files say nothing about binfmt_misc once a user
+/// namespace mounted its own instance (Linux >= 6.7), so the namespace is looked at first.
+pub fn binfmt_scope(userns_ino: Option<u64>, nixqimg_ns: bool, container: bool) -> &'static str {
+    match (userns_ino, nixqimg_ns, container) {
+        (Some(i), true, _) if i != INIT_USER_NS_INO => "nixqimg-ns",
+        (Some(i), false, _) if i != INIT_USER_NS_INO => "user-namespace",
+        (_, _, true) => "container",
+        _ => "host",
+    }
+}
+
+fn own_binfmt_scope() -> &'static str {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata("/proc/self/ns/user").ok().map(|m| m.ino());
+    binfmt_scope(ino, std::env::var_os(crate::ns::MARKER).is_some_and(|v| v == "1"), in_container())
+}
+
 fn host_facts(page_size: u64, inst: &entries::Instance, natives: &[native::Native]) -> Host {
     let st = status::build(Path::new(entries::DIR), inst, natives, &|p| Path::new(p).exists());
     let self_exe = std::fs::read_link("/proc/self/exe").ok();
@@ -470,6 +494,7 @@ fn host_facts(page_size: u64, inst: &entries::Instance, natives: &[native::Nativ
         systems,
         nix,
         in_container: in_container(),
+        binfmt_scope: own_binfmt_scope(),
     }
 }
 
@@ -560,7 +585,7 @@ pub fn findings(h: &Host, bins: &[Binary]) -> Vec<Finding> {
                         Some("install qemu-user-static (or set qemu_dir in nixqimg.conf beside nixqimg)".into()),
                     ));
                 }
-                if h.in_container && !flags.contains('F') {
+                if h.binfmt_scope == "container" && !flags.contains('F') {
                     out.push(finding(
                         "warning",
                         s.system,
@@ -627,13 +652,26 @@ pub fn findings(h: &Host, bins: &[Binary]) -> Vec<Finding> {
             out.push(finding("problem", "nix", p.what, Some(p.fix)));
         }
     }
-    if h.in_container {
-        out.push(finding(
+    match h.binfmt_scope {
+        "container" => out.push(finding(
             "info",
             "host",
             "running inside a container: binfmt_misc is the host's; register there".into(),
-            Some("on the host: nixqimg register --direct SYSTEM (registers a static qemu with F, visible to every container)".into()),
-        ));
+            Some("on the host: nixqimg register SYSTEM (F pins nixqimg; qemu must be visible in the container), or --direct (a static qemu with F, seen by every container, but without nixqimg's loader choice and guest_base fix)".into()),
+        )),
+        "nixqimg-ns" => out.push(finding(
+            "info",
+            "host",
+            "binfmt_misc here is the private instance of `nixqimg ns`: its entries exist only in this namespace".into(),
+            None,
+        )),
+        "user-namespace" => out.push(finding(
+            "info",
+            "host",
+            "running in a user namespace: binfmt_misc here is its own instance if it mounted one (Linux >= 6.7), else its parent's".into(),
+            None,
+        )),
+        _ => {}
     }
     for b in bins {
         if let Some(e) = &b.error {
@@ -950,7 +988,23 @@ mod tests {
             systems,
             nix: None,
             in_container: false,
+            binfmt_scope: "host",
         }
+    }
+
+    #[test]
+    fn the_binfmt_scope_looks_at_the_user_namespace_before_container_files() {
+        assert_eq!(binfmt_scope(Some(INIT_USER_NS_INO), false, false), "host");
+        assert_eq!(binfmt_scope(Some(INIT_USER_NS_INO), false, true), "container");
+        // Inside `nixqimg ns` on a machine with /.dockerenv: private, not the host's.
+        assert_eq!(binfmt_scope(Some(4026532500), true, true), "nixqimg-ns");
+        assert_eq!(binfmt_scope(Some(4026532500), false, true), "user-namespace");
+        // The marker alone (leaked into the initial namespace) proves nothing.
+        assert_eq!(binfmt_scope(Some(INIT_USER_NS_INO), true, false), "host");
+        let h = Host { binfmt_scope: "nixqimg-ns", in_container: true, ..host(true, vec![]) };
+        let f = findings(&h, &[]);
+        assert!(f.iter().all(|f| !f.what.contains("the host's")), "{f:?}");
+        assert!(f.iter().any(|f| f.what.contains("private instance of `nixqimg ns`")), "{f:?}");
     }
 
     fn served(by: &str, flags: &str, exists: bool) -> SystemFact {

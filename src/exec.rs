@@ -99,3 +99,22 @@ pub fn exec(plan: &Plan) -> io::Error {
         Err(e) => e,
     }
 }
+
+/// Is this process chrooted? Its root differs from init's (`/proc/1/root`), or, where init's root
+/// cannot be read (containers deny it), no mount is at `/` in our own mountinfo: the kernel lists only
+/// mounts under the caller's root, and a chroot into a plain directory leaves the root mount above it.
+/// None when /proc cannot say. Only error paths ask.
+pub fn chrooted() -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::metadata("/").ok()?;
+    if let Ok(init) = std::fs::metadata("/proc/1/root/") {
+        return Some((own.dev(), own.ino()) != (init.dev(), init.ino()));
+    }
+    let info = std::fs::read("/proc/self/mountinfo").ok()?;
+    let root_mounted = info.split(|&b| b == b'\n').any(|l| l.split(|&b| b == b' ').nth(4) == Some(b"/"));
+    if root_mounted {
+        None
+    } else {
+        Some(true)
+    }
+}

@@ -113,7 +113,7 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
             facts.arch.qemu,
             join_dirs(&cfg.qemu_dirs)
         ),
-        hint: "install qemu-user-static, or set qemu_dir in nixqimg.conf beside nixqimg, or NIXQIMG_QEMU_DIR",
+        hint: no_qemu_hint(std::env::var_os("NIX_BUILD_TOP").is_some(), exec::chrooted()),
         code: code::NOT_FOUND,
     })?;
     let req = Request {
@@ -150,6 +150,17 @@ fn same_readable_file(f: &File, path: &OsStr) -> bool {
     use std::os::unix::fs::MetadataExt;
     let (Ok(a), Ok(b)) = (f.metadata(), File::open(path).and_then(|p| p.metadata())) else { return false };
     a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+/// Why qemu may be missing where it is looked for: not installed, or installed where this process
+/// cannot see it (the Nix sandbox, a chroot or a container holding only what F pinned: nixqimg).
+pub fn no_qemu_hint(in_nix_build: bool, chrooted: Option<bool>) -> &'static str {
+    match (in_nix_build, chrooted) {
+        (true, _) => "inside a Nix build only the sandbox's paths are visible: add the paths `nixqimg nix-config` prints to extra-sandbox-paths",
+        (false, Some(true)) => "this program runs in a chroot whose files hold no qemu; qemu installed outside is not visible: put qemu-user-static inside, or register it directly with `nixqimg register --direct`",
+        (false, Some(false)) => "install qemu-user-static, or set qemu_dir in nixqimg.conf beside nixqimg, or NIXQIMG_QEMU_DIR",
+        (false, None) => "install qemu-user-static; if it is installed, this process cannot see it (a chroot or container): put it inside, or `nixqimg register --direct`",
+    }
 }
 
 fn join_dirs(d: &[PathBuf]) -> String {

@@ -52,7 +52,8 @@ pub enum NsError {
     Nul(String),
     Pipe(Errno),
     Fork(Errno),
-    Unshare(Errno),
+    /// With whether this process is chrooted (None: /proc cannot tell).
+    Unshare(Errno, Option<bool>),
     Maps(String, std::io::Error),
     MountPrivate(Errno),
     MountBinfmt(Errno),
@@ -72,7 +73,15 @@ impl From<NsError> for Error {
             NsError::Nul(a) => Error::new(format!("argument {a:?} holds a NUL byte")).code(code::USAGE),
             NsError::Pipe(e) => Error::new(format!("ns: pipe: {e}")),
             NsError::Fork(e) => Error::new(format!("ns: fork: {e}")),
-            NsError::Unshare(e) => Error::new(format!("ns: cannot create a user+mount namespace: {e}"))
+            NsError::Unshare(Errno::EPERM, Some(true)) => Error::new(
+                "ns: this process runs in a chroot, and the kernel refuses new user namespaces to chrooted processes",
+            )
+            .hint("start nixqimg ns outside the chroot and chroot inside it: nixqimg ns -- chroot DIR COMMAND...")
+            .code(code::CANNOT_EXEC),
+            NsError::Unshare(Errno::EPERM, None) => Error::new(format!("ns: cannot create a user+mount namespace: {}", Errno::EPERM))
+                .hint("in a chroot the kernel refuses it (run nixqimg ns outside, then chroot inside); else unprivileged user namespaces may be off: sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces")
+                .code(code::CANNOT_EXEC),
+            NsError::Unshare(e, _) => Error::new(format!("ns: cannot create a user+mount namespace: {e}"))
                 .hint("unprivileged user namespaces may be off: sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces")
                 .code(code::CANNOT_EXEC),
             NsError::Maps(f, e) => Error::new(format!("ns: writing {f}: {e}")).code(code::CANNOT_EXEC),
@@ -136,6 +145,10 @@ impl Child {
         }
     }
 }
+
+/// Set to 1 in the command's environment, so `doctor` run inside can tell the private instance from
+/// the host's (together with the user namespace it runs in, which the variable alone cannot prove).
+pub const MARKER: &str = "NIXQIMG_NS";
 
 /// Starts `argv` in a fresh namespace set up as `spec` says, optionally with `stdout`/`stderr`
 /// redirected. Returns once the command runs (or with the setup step that failed).
@@ -215,7 +228,7 @@ fn parent_setup(child: Pid, ready_r: OwnedFd, go_w: OwnedFd, report_r: OwnedFd, 
     let (step, errno) = text.split_once('\0').unwrap_or((&text, "0"));
     let errno = Errno::from_raw(errno.parse().unwrap_or(0));
     Err(match step {
-        "unshare" => NsError::Unshare(errno),
+        "unshare" => NsError::Unshare(errno, crate::exec::chrooted()),
         "private" => NsError::MountPrivate(errno),
         "binfmt" => NsError::MountBinfmt(errno),
         "exec" => NsError::Exec(shown.to_string(), errno),
@@ -276,6 +289,9 @@ fn child_setup(
         }
     }
     let _ = unsafe_reset_signals();
+    // The child is single-threaded (forked from a single-threaded nixqimg), so changing its
+    // environment cannot race a reader.
+    std::env::set_var(MARKER, "1");
     match ::nix::unistd::execvp(&argv[0], argv) {
         Err(e) => ("exec".into(), e),
         Ok(never) => match never {},

@@ -245,3 +245,22 @@ d {good}
         format!("{NIXQIMG} is dynamically linked: inside the Nix sandbox its loader and libraries are not visible")
     );
 }
+
+#[test]
+fn inside_nixqimg_ns_doctor_knows_the_instance_is_private() {
+    // This machine has /.dockerenv; doctor used to call every binfmt_misc here "the host's".
+    let conf = TempDir::new("doctor-ns-conf");
+    let out = Command::new(NIXQIMG)
+        .args(["ns", "--systems", "aarch64-linux", "--", NIXQIMG, "doctor", "--json"])
+        .env("NIX_CONF_DIR", conf.path())
+        .output()
+        .unwrap();
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(v["host"]["binfmt_scope"], "nixqimg-ns", "{v}");
+    let whats: Vec<&str> = v["findings"].as_array().unwrap().iter().map(|f| f["what"].as_str().unwrap()).collect();
+    assert!(whats.iter().all(|w| !w.contains("the host's")), "{whats:?}");
+    assert!(whats.iter().any(|w| w.contains("private instance of `nixqimg ns`")), "{whats:?}");
+    // Outside, in the initial user namespace, the marker proves nothing.
+    let (_, out, _) = doctor(&["--json"], &[], conf.path());
+    assert_ne!(json(&out)["host"]["binfmt_scope"], "nixqimg-ns");
+}

@@ -133,3 +133,82 @@ fn an_unprivileged_user_gets_the_namespace_without_root() {
     // Only its own id can be mapped, so setgroups is denied (which is why Nix wants root outside).
     assert_eq!(text(&r.stdout), "aarch64\n0\ndeny\n");
 }
+
+/// A root holding only a static nixqimg and an empty /proc, removed on drop.
+fn small_root(name: &str) -> tempdir::Dir {
+    let d = tempdir::Dir::new(name);
+    std::fs::create_dir_all(d.0.join("proc")).unwrap();
+    std::fs::copy(static_nixqimg(), d.0.join("nixqimg")).unwrap();
+    d
+}
+
+mod tempdir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new(name: &str) -> Dir {
+            let p = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[test]
+fn inside_a_chroot_ns_names_the_chroot_not_the_sysctl() {
+    let root = small_root("ns-chroot");
+    // Its own mount namespace: the chroot's /proc is mounted there and goes with it.
+    let script = r#"mount -t proc proc "$1/proc" && exec chroot "$1" /nixqimg ns --systems aarch64-linux --interpreter /nixqimg -- /nixqimg --version"#;
+    let r = Command::new("timeout")
+        .args(["120", "unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+        .arg(&root.0)
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(126), "{}", text(&r.stderr));
+    assert_eq!(
+        text(&r.stderr),
+        "nixqimg: ns: this process runs in a chroot, and the kernel refuses new user namespaces to chrooted processes \
+         (start nixqimg ns outside the chroot and chroot inside it: nixqimg ns -- chroot DIR COMMAND...)\n"
+    );
+    // Without /proc nothing can tell: both causes are named.
+    let r = Command::new("timeout")
+        .args(["120", "chroot"])
+        .arg(&root.0)
+        .args(["/nixqimg", "ns", "--systems", "aarch64-linux", "--interpreter", "/nixqimg", "--", "/nixqimg"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(126), "{}", text(&r.stderr));
+    assert!(
+        text(&r.stderr).contains("(in a chroot the kernel refuses it (run nixqimg ns outside"),
+        "{}",
+        text(&r.stderr)
+    );
+}
+
+#[test]
+fn a_foreign_program_in_a_chroot_without_qemu_is_told_why() {
+    // nixqimg is pinned by F and runs; the qemu it looks for is outside the chroot.
+    let root = small_root("ns-chroot-noqemu");
+    std::fs::copy(inputs().busybox.join("bin/busybox"), root.0.join("busybox")).unwrap();
+    // Not exec'd: the shell stays pid 1 of the new pid namespace, with the namespace's root.
+    let script = r#"mount -t proc proc "$1/proc" && chroot "$1" /busybox true"#;
+    let r = Command::new("timeout")
+        .arg("120")
+        .arg(NIXQIMG)
+        .args(["ns", "--systems", "aarch64-linux", "--interpreter"])
+        .arg(static_nixqimg())
+        .args(["--", "unshare", "--pid", "--fork", "sh", "-c", script, "sh"])
+        .arg(&root.0)
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(127), "{}", text(&r.stderr));
+    let e = text(&r.stderr);
+    assert!(e.starts_with("nixqimg: /busybox: no qemu-aarch64 or qemu-aarch64-static in "), "{e}");
+    assert!(e.contains(" (this program runs in a chroot whose files hold no qemu; "), "{e}");
+    assert_eq!(e.matches("/usr/local/bin").count(), 1, "{e}");
+}
