@@ -5,7 +5,7 @@
 # has (coreutils, sed, awk), so a machine need not build nixqimg for its own architecture to keep
 # BIOS boot in step: regenerates ESP/syslinux.cfg from systemd-boot's loader/entries/*.conf and
 # loader/loader.conf. It must write the same bytes as nixqimg (tests/bootloader_sync.rs checks it);
-# the rules are written down in nixqimg's src/bootloader.rs.
+# the rules are written down in nixqimg's src/image/bootloader.rs.
 #
 # Run from boot.loader.systemd-boot.extraInstallCommands. Exit status 1 when an entry had to be left
 # out (one line on stderr each) or when there is no bootable entry (syslinux.cfg is then left alone).

@@ -1,5 +1,5 @@
 # nixqimg, fully static, with the static qemu-user it execs fixed at build time (NIXQIMG_QEMU_DIR,
-# read by src/config.rs): inside a Nix sandbox the environment is empty, so the path must be built in.
+# read by src/interp/config.rs): inside a Nix sandbox the environment is empty, so the path must be built in.
 {
   lib,
   pkgsStatic,

@@ -1,10 +1,11 @@
 //! The command line: one subcommand per job; each module owns its `Args` and its `run`.
 
-use crate::config::{self, ProcessEnv};
 use crate::error::{code, Error, Result};
-use crate::exec::{self, RealProbe};
-use crate::plan::{self, Request, Strategy};
-use crate::{elf, interp, logging};
+use crate::interp::config::{self, ProcessEnv};
+use crate::interp::exec::{self, RealProbe};
+use crate::interp::plan::{self, Request, Strategy};
+use crate::interp::{self, elf};
+use crate::logging;
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
 use std::io::Write;
@@ -32,7 +33,7 @@ enum Cmd {
     /// Show every binfmt_misc registration and what serves each system.
     Status(crate::binfmt::StatusArgs),
     /// Run a command in a private user+mount namespace with its own binfmt_misc holding nixqimg.
-    Ns(crate::ns::Args),
+    Ns(crate::binfmt::ns::Args),
     /// Explain why foreign programs or builds fail here, and name the fix.
     Doctor(crate::doctor::Args),
     /// Print the Nix settings (extra-platforms, extra-sandbox-paths) nixqimg needs.
@@ -42,13 +43,13 @@ enum Cmd {
     /// Assemble a bootable disk image from a NixOS system closure, without a VM.
     Image(crate::image::Args),
     /// Make a NoCloud seed volume for cloud-init.
-    Seed(crate::seed::Args),
+    Seed(crate::image::seed::Args),
     /// Boot an image in QEMU.
-    Run(crate::qemu::Args),
+    Run(crate::vm::run::Args),
     /// Write an image onto a disk or file.
-    Write(crate::write::Args),
+    Write(crate::vm::write::Args),
     /// Keep the BIOS loader's configuration in step with systemd-boot's entries.
-    Bootloader(crate::bootloader::Args),
+    Bootloader(crate::image::bootloader::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,15 +85,15 @@ pub fn main(args: Vec<OsString>) -> u8 {
         Cmd::Register(a) => crate::binfmt::run_register(a),
         Cmd::Unregister(a) => crate::binfmt::run_unregister(a),
         Cmd::Status(a) => crate::binfmt::run_status(a),
-        Cmd::Ns(a) => crate::ns::run(a),
+        Cmd::Ns(a) => crate::binfmt::ns::run(a),
         Cmd::Doctor(a) => crate::doctor::run(a),
         Cmd::NixConfig(a) => crate::nix::run_nix_config(a),
         Cmd::Build(a) => crate::nix::run_build(a),
         Cmd::Image(a) => crate::image::run(a),
-        Cmd::Seed(a) => crate::seed::run(a),
-        Cmd::Run(a) => crate::qemu::run(a),
-        Cmd::Write(a) => crate::write::run(a),
-        Cmd::Bootloader(a) => crate::bootloader::run(a),
+        Cmd::Seed(a) => crate::image::seed::run(a),
+        Cmd::Run(a) => crate::vm::run::run(a),
+        Cmd::Write(a) => crate::vm::write::run(a),
+        Cmd::Bootloader(a) => crate::image::bootloader::run(a),
     };
     match res {
         Ok(()) => 0,
@@ -100,16 +101,6 @@ pub fn main(args: Vec<OsString>) -> u8 {
             let _ = writeln!(std::io::stderr(), "nixqimg: {e}");
             e.code
         }
-    }
-}
-
-/// Shell-quotes one argument for display (`--explain`), byte-exact for non-UTF-8.
-pub fn shell_quote(a: &std::ffi::OsStr) -> String {
-    let s = a.to_string_lossy();
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
-        s.into_owned()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 
@@ -154,7 +145,7 @@ fn exec_cmd(a: ExecArgs) -> Result<()> {
             out.push_str(w);
             out.push('\n');
         }
-        let line: Vec<String> = plan.argv.iter().map(|s| shell_quote(s)).collect();
+        let line: Vec<String> = plan.argv.iter().map(|s| crate::util::shell_quote(s)).collect();
         out.push_str(&line.join(" "));
         out.push('\n');
         let _ = std::io::stdout().write_all(out.as_bytes());

@@ -8,23 +8,15 @@
 
 mod arch;
 mod binfmt;
-mod bios;
-mod bootloader;
 mod cli;
-mod config;
 mod doctor;
-mod elf;
 mod error;
-mod exec;
 mod image;
 mod interp;
 mod logging;
 mod nix;
-mod ns;
-mod plan;
-mod qemu;
-mod seed;
-mod write;
+mod util;
+mod vm;
 
 use std::ffi::OsString;
 #[cfg(not(test))]

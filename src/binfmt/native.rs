@@ -123,7 +123,7 @@ mod tests {
             if let Some(p) = probe_program(a) {
                 assert!(arch::ARCHES.iter().all(|b| !b.matches(&p)), "{} probe matches a magic", a.name);
                 let f = tempfile_with(&p);
-                let facts = crate::elf::read(&f).unwrap();
+                let facts = crate::interp::elf::read(&f).unwrap();
                 assert_eq!(facts.arch.name, a.name);
                 assert_eq!(facts.lowest_load, Some(BASE as u64));
             }

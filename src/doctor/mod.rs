@@ -3,15 +3,15 @@
 //! Facts are gathered at the edges (procfs, the binaries' headers, `nix show-config`, `qemu --version`,
 //! and with `--try` the programs themselves); [`findings`] turns them into problems without touching
 //! anything, and the report is rendered for people or as JSON (README.md documents it; fields are only
-//! ever added). The plan shown is the interpreter's own ([`crate::plan::plan`]) for the page size asked.
+//! ever added). The plan shown is the interpreter's own ([`crate::interp::plan::plan`]) for the page size asked.
 
 use crate::arch::{self, Arch};
 use crate::binfmt::{self, entries, native, status};
-use crate::config::{self, ProcessEnv};
-use crate::elf::{self, ElfFacts};
 use crate::error::{code, Error, Result};
-use crate::exec::{self, RealProbe};
-use crate::plan::{self, Mode, Request, Strategy};
+use crate::interp::config::{self, ProcessEnv};
+use crate::interp::elf::{self, ElfFacts};
+use crate::interp::exec::{self, RealProbe};
+use crate::interp::plan::{self, Mode, Request, Strategy};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -436,7 +436,7 @@ pub fn binfmt_scope(userns_ino: Option<u64>, nixqimg_ns: bool, container: bool) 
 fn own_binfmt_scope() -> &'static str {
     use std::os::unix::fs::MetadataExt;
     let ino = std::fs::metadata("/proc/self/ns/user").ok().map(|m| m.ino());
-    binfmt_scope(ino, std::env::var_os(crate::ns::MARKER).is_some_and(|v| v == "1"), in_container())
+    binfmt_scope(ino, std::env::var_os(crate::binfmt::ns::MARKER).is_some_and(|v| v == "1"), in_container())
 }
 
 fn host_facts(page_size: u64, inst: &entries::Instance, natives: &[native::Native]) -> Host {

@@ -1,7 +1,7 @@
 //! The edge where a plan becomes a process: the real file-system [`Probe`], auxv reads, and `execve`.
 //! `exec` only builds C strings and calls execve; it returns only when that failed.
 
-use crate::plan::{Plan, Probe};
+use crate::interp::plan::{Plan, Probe};
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;

@@ -5,11 +5,16 @@
 //! foreign exec of a build: no clap, no logging unless asked, bounded reads, and on failure one line
 //! `nixqimg: PATH: what went wrong (what to do)` with exit 126, or 127 when a file is missing.
 
-use crate::config::{self, Config};
+pub mod config;
+pub mod elf;
+pub mod exec;
+pub mod plan;
+
+use crate::arch::Arch;
 use crate::error::code;
-use crate::exec::{self, RealProbe};
-use crate::plan::{self, PlanError, Probe, Request};
-use crate::{arch::Arch, elf};
+use config::Config;
+use exec::RealProbe;
+use plan::{PlanError, Probe, Request};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Write;

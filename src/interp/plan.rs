@@ -13,7 +13,7 @@
 //!   ET_DYN and maps the program through qemu's own mmap).
 
 use crate::arch::Arch;
-use crate::elf::ElfFacts;
+use crate::interp::elf::ElfFacts;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};

@@ -2,9 +2,11 @@
 //! `unregister` and `status`. Pure decisions live in the submodules and are unit-tested; the writes to
 //! `/proc/sys/fs/binfmt_misc` happen only in [`apply`] (and the `--binfmt-d` file writes).
 
+pub mod choose;
 pub mod entries;
 pub mod lines;
 pub mod native;
+pub mod ns;
 pub mod status;
 
 use crate::arch::{self, Arch, ARCHES};
@@ -321,15 +323,15 @@ pub fn ensure_mounted(dir: &Path, mount: bool, dry_run: bool) -> Result<()> {
 /// visible.
 fn direct_qemu(a: &Arch) -> Result<PathBuf> {
     let self_exe = std::fs::read_link("/proc/self/exe").ok();
-    let cfg = crate::config::load(self_exe.as_deref(), &crate::config::ProcessEnv, false);
-    let q = crate::interp::find_qemu(&cfg, a, &crate::exec::RealProbe).ok_or_else(|| {
+    let cfg = crate::interp::config::load(self_exe.as_deref(), &crate::interp::config::ProcessEnv, false);
+    let q = crate::interp::find_qemu(&cfg, a, &crate::interp::exec::RealProbe).ok_or_else(|| {
         Error::new(format!("no qemu-{}-static or qemu-{} found", a.qemu, a.qemu))
             .hint("install qemu-user-static, or set NIXQIMG_QEMU_DIR")
             .code(code::NOT_FOUND)
     })?;
     let q = std::fs::canonicalize(&q).map_err(|e| Error::io(&q, e))?;
     let f = std::fs::File::open(&q).map_err(|e| Error::io(&q, e))?;
-    let facts = crate::elf::read(&f).map_err(|e| Error::new(format!("{}: {e}", q.display())))?;
+    let facts = crate::interp::elf::read(&f).map_err(|e| Error::new(format!("{}: {e}", q.display())))?;
     if !facts.is_static() {
         return Err(Error::new(format!(
             "{} is dynamically linked: a container cannot load its libraries",

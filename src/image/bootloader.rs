@@ -61,11 +61,11 @@ pub fn run(args: Args) -> Result<()> {
     match args.cmd {
         Sub::Sync { esp } => sync(&esp),
         Sub::Install { disk, syslinux, source_date_epoch } => {
-            let files = crate::bios::BiosFiles::from_syslinux(&syslinux)?;
+            let files = crate::image::bios::BiosFiles::from_syslinux(&syslinux)?;
             let mut f =
                 std::fs::OpenOptions::new().read(true).write(true).open(&disk).map_err(|e| Error::io(&disk, e))?;
             let epoch = source_date_epoch.or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok()?.parse().ok());
-            crate::bios::install(&mut f, &files, epoch)
+            crate::image::bios::install(&mut f, &files, epoch)
                 .map_err(|e| Error { what: format!("{}: {}", disk.display(), e.what), ..e })
         }
     }

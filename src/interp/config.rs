@@ -14,7 +14,7 @@
 //! setuid program under a `C` registration) the environment is ignored entirely, and the config file is
 //! read only if it and its directory are root-owned and writable by nobody else.
 
-use crate::plan::Strategy;
+use crate::interp::plan::Strategy;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;

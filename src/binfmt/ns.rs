@@ -228,7 +228,7 @@ fn parent_setup(child: Pid, ready_r: OwnedFd, go_w: OwnedFd, report_r: OwnedFd, 
     let (step, errno) = text.split_once('\0').unwrap_or((&text, "0"));
     let errno = Errno::from_raw(errno.parse().unwrap_or(0));
     Err(match step {
-        "unshare" => NsError::Unshare(errno, crate::exec::chrooted()),
+        "unshare" => NsError::Unshare(errno, crate::interp::exec::chrooted()),
         "private" => NsError::MountPrivate(errno),
         "binfmt" => NsError::MountBinfmt(errno),
         "exec" => NsError::Exec(shown.to_string(), errno),
@@ -308,8 +308,8 @@ fn unsafe_reset_signals() -> Result<(), Errno> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let (interpreter, warning) = crate::nix::interpreter(a.interpreter.as_deref())?;
-    let arches = crate::nix::systems(&a.systems, &interpreter)?;
+    let (interpreter, warning) = crate::binfmt::choose::interpreter(a.interpreter.as_deref())?;
+    let arches = crate::binfmt::choose::systems(&a.systems, &interpreter)?;
     crate::binfmt::normalize_flags(&a.flags)?;
     if let Some(w) = warning {
         eprintln!("nixqimg: warning: {w}");

@@ -5,6 +5,7 @@
 
 use crate::arch::{self, Arch};
 use crate::error::{Error, Result};
+use crate::util::TempDir;
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -375,31 +376,6 @@ fn detect_arch(image: &Path, qcow2: bool, tmp: &Path) -> Result<&'static Arch> {
     arch_from_loaders(&names).ok_or_else(unknown)
 }
 
-/// A directory removed when the run ends, whatever happens (it holds the VARS copy and a made seed).
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(what: &str) -> Result<TempDir> {
-        let base = std::env::temp_dir();
-        for i in 0..100u32 {
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos());
-            let p = base.join(format!("nixqimg-{what}-{}-{}-{i}", std::process::id(), nanos.unwrap_or(0)));
-            match std::fs::create_dir(&p) {
-                Ok(()) => return Ok(TempDir(p)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(Error::io(&p, e).hint("set TMPDIR to a writable directory")),
-            }
-        }
-        Err(Error::new(format!("cannot make a temporary directory in {}", base.display())))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Kills and reaps QEMU if we leave early (error, panic), so no VM outlives nixqimg.
 struct Reaped(Child);
 
@@ -507,7 +483,10 @@ pub fn run(a: Args) -> Result<()> {
         }
         (None, Some(key)) => {
             let out = tmp.0.join("seed.img");
-            crate::seed::make(&crate::seed::Inputs { ssh_keys: vec![key.clone()], ..Default::default() }, &out)?;
+            crate::image::seed::make(
+                &crate::image::seed::Inputs { ssh_keys: vec![key.clone()], ..Default::default() },
+                &out,
+            )?;
             Some(out)
         }
         (None, None) => None,
@@ -559,7 +538,7 @@ pub fn run(a: Args) -> Result<()> {
     let argv = command(&spec);
     if a.dry_run {
         let mut line = vec![bin.to_string()];
-        line.extend(argv.iter().map(|s| crate::cli::shell_quote(s)));
+        line.extend(argv.iter().map(|s| crate::util::shell_quote(s)));
         println!("{}", line.join(" "));
         return Ok(());
     }

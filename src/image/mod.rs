@@ -6,6 +6,8 @@
 //! Decisions live in the submodules and are pure (bootspec, closure, ids, layout, esp plan, nixdb SQL,
 //! mkfs arguments); this file only sequences the side effects.
 
+pub mod bios;
+pub mod bootloader;
 mod bootspec;
 mod closure;
 pub(crate) mod esp;
@@ -13,6 +15,7 @@ mod ids;
 mod layout;
 mod nixdb;
 mod rootfs;
+pub mod seed;
 
 use crate::arch;
 use crate::error::{Error, Result};
@@ -485,7 +488,7 @@ fn pipe_run(name: &str, package: &str, cmd: &mut Command, input: &str) -> Result
     Ok(())
 }
 
-/// BIOS boot from the same ESP: SYSLINUX installed by nixqimg's own code (src/bios.rs) from the target's
+/// BIOS boot from the same ESP: SYSLINUX installed by nixqimg's own code (src/image/bios.rs) from the target's
 /// x86_64 syslinux package: one in the closure, `--syslinux`, or the build machine's (Debian's) as a last resort.
 fn install_bios(raw: &Path, closure: &closure::Closure, syslinux: Option<&Path>, time: u64) -> Result<()> {
     let root = match syslinux {
@@ -497,10 +500,10 @@ fn install_bios(raw: &Path, closure: &closure::Closure, syslinux: Option<&Path>,
             .find(|p| p.join("share/syslinux/gptmbr.bin").is_file())
             .unwrap_or_else(|| PathBuf::from("/")),
     };
-    let files = crate::bios::BiosFiles::from_syslinux(&root)?;
+    let files = crate::image::bios::BiosFiles::from_syslinux(&root)?;
     let mut f = fs::OpenOptions::new().read(true).write(true).open(raw).map_err(|e| Error::io(raw, e))?;
     // mtools cannot stamp a FAT entry before 1980 (it wraps to 2098): clamp to FAT's first instant.
-    crate::bios::install(&mut f, &files, Some(time.max(esp::FAT_EPOCH)))
+    crate::image::bios::install(&mut f, &files, Some(time.max(esp::FAT_EPOCH)))
 }
 
 /// syslinux.cfg from the same loader.conf and entry systemd-boot reads (`bootloader sync` keeps it so).
@@ -515,7 +518,8 @@ fn syslinux_cfg(plan: &esp::EspPlan) -> String {
             })
             .unwrap_or_default()
     };
-    let conf = crate::bootloader::parse_loader_conf(&text("loader/loader.conf"));
-    let entry = crate::bootloader::parse_entry("nixos-generation-1", &text("loader/entries/nixos-generation-1.conf"));
-    crate::bootloader::render(&conf, &[entry])
+    let conf = crate::image::bootloader::parse_loader_conf(&text("loader/loader.conf"));
+    let entry =
+        crate::image::bootloader::parse_entry("nixos-generation-1", &text("loader/entries/nixos-generation-1.conf"));
+    crate::image::bootloader::render(&conf, &[entry])
 }
