@@ -5,6 +5,7 @@
 //! an interpreter must hand the foreign program the signal dispositions its caller gave it (qemu
 //! passes an ignored SIGPIPE on to the guest) and start as fast as a C wrapper.
 #![cfg_attr(not(test), no_main)]
+#![warn(clippy::too_many_lines)]
 
 mod arch;
 mod binfmt;

@@ -260,8 +260,114 @@ pub fn run(a: Args) -> Result<()> {
     res
 }
 
+/// What the system to put on disk is: its closure, boot.json, and the files the ESP needs.
+struct System {
+    closure: closure::Closure,
+    toplevel: PathBuf,
+    top: String,
+    store_dir: PathBuf,
+    spec: bootspec::Bootspec,
+    arch: &'static arch::Arch,
+    efi_suffix: &'static str,
+    boot: Boot,
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+/// The steps, in order: check the arguments, read the system, plan the ESP, stage the root, lay out
+/// and partition the disk, write the ESP (and BIOS boot), make the ext4 root, convert and rename.
 fn build(a: Args, cleanup: &mut Cleanup) -> Result<()> {
     let mut progress = Progress { on: std::io::stderr().is_terminal(), steps: 6, n: 0 };
+    let (esp_size, fixed_size) = sizes(&a)?;
+    progress.step("reading the system and its closure");
+    let sys = read_system(&a)?;
+    let time = image_time();
+    let esp_plan = plan_esp(&a, &sys, time)?;
+    let seed = a.seed.clone().unwrap_or_else(|| {
+        let mut parts =
+            vec![sys.top.clone(), format!("{:?}", sys.boot), a.size.clone(), esp_size.to_string(), time.to_string()];
+        parts.extend(sys.closure.paths.iter().map(|p| format!("{} {}", p.path, p.nar_hash)));
+        ids::default_seed(&parts.iter().map(String::as_str).collect::<Vec<_>>())
+    });
+    let ids = ids::derive(&seed);
+    let boot = sys.boot;
+    let closure = &sys.closure;
+
+    let total: u64 = closure.paths.iter().map(|p| p.nar_size).sum();
+    progress.step(&format!("staging {} store paths ({})", closure.paths.len(), human(total)));
+    let staging = cleanup.add(tempdir()?);
+    let root = staging.join("root");
+    let staged = stage_root(&root, &sys, time, total, &mut progress)?;
+
+    let (need, inodes) = layout::root_estimate(staged.data, staged.inodes);
+    let lay = match fixed_size {
+        None => layout::layout(esp_size, need),
+        Some(s) => layout::for_disk(s, esp_size, need).map_err(|e| Error::new(e).code(2))?,
+    };
+    let inodes = inodes.max(lay.root_size / 16384);
+    progress.step(&format!(
+        "partitioning a {} disk (ESP {}, root {})",
+        human(lay.disk),
+        human(lay.esp_size),
+        human(lay.root_size)
+    ));
+    let raw = cleanup.add(tmp_name(&a.out, "raw"));
+    let file =
+        fs::OpenOptions::new().read(true).write(true).create_new(true).open(&raw).map_err(|e| Error::io(&raw, e))?;
+    file.set_len(lay.disk).map_err(|e| Error::io(&raw, e))?;
+    let mut sfdisk = Command::new("sfdisk");
+    sfdisk.args(["--quiet", "--no-reread", "--no-tell-kernel", "--wipe", "never"]).arg(&raw);
+    pipe_run(
+        "sfdisk",
+        "fdisk (util-linux's sfdisk)",
+        &mut sfdisk,
+        &layout::sfdisk_script(&lay, &ids, boot != Boot::Uefi),
+    )?;
+
+    progress.step("writing the ESP (systemd-boot, kernel, initrd, loader entries)");
+    esp::write(&file, lay.esp_offset, lay.esp_size, ids.esp_volume_id, &esp_plan)?;
+    esp::set_hidden_sectors(&file, lay.esp_offset)?;
+    if boot != Boot::Uefi {
+        install_bios(&raw, closure, a.syslinux.as_deref(), time)?;
+    }
+    check_interrupted()?;
+
+    progress.step(&format!("making the ext4 root ({} inodes)", staged.inodes));
+    rootfs::mkfs(&rootfs::Mkfs {
+        staging: &root,
+        image: &raw,
+        offset: lay.root_offset,
+        size: lay.root_size,
+        inodes,
+        uuid: &ids.root_fs,
+        hash_seed: &ids.root_hash_seed,
+        time,
+    })?;
+    file.sync_all().map_err(|e| Error::io(&raw, e))?;
+    drop(file);
+    check_interrupted()?;
+
+    progress.step(&format!("writing {}", a.out.display()));
+    let done_file = convert(&raw, &a, cleanup)?;
+    check_interrupted()?;
+    fs::rename(&done_file, &a.out).map_err(|e| Error::io(&a.out, e))?;
+    cleanup.0.retain(|p| p != &done_file);
+    let size = fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "{}: {:?} {} image of {} ({} disk), {} store paths, root {}",
+        a.out.display(),
+        boot,
+        format!("{:?}", a.format).to_lowercase(),
+        human(size),
+        human(lay.disk),
+        closure.paths.len(),
+        ids.root_fs
+    );
+    Ok(())
+}
+
+/// The output directory exists; the ESP and disk sizes parse.
+fn sizes(a: &Args) -> Result<(u64, Option<u64>)> {
     let out_dir = match a.out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -280,7 +386,11 @@ fn build(a: Args, cleanup: &mut Cleanup) -> Result<()> {
         ),
     };
 
-    progress.step("reading the system and its closure");
+    Ok((esp_size, fixed_size))
+}
+
+/// The closure, the toplevel and its boot.json, each checked against the others.
+fn read_system(a: &Args) -> Result<System> {
     // boot.json first: the cheapest check that --toplevel is a NixOS system at all.
     let given = a.toplevel.as_deref().map(resolve_store_link).transpose()?;
     let given_spec = given.as_deref().map(bootspec::read).transpose()?;
@@ -328,38 +438,36 @@ fn build(a: Args, cleanup: &mut Cleanup) -> Result<()> {
             return Err(Error::new(format!("boot.json names {}, which is not in the system's closure", f.display())));
         }
     }
+    Ok(System { closure, toplevel, top, store_dir, spec, arch, efi_suffix, boot, kernel, initrd })
+}
+
+/// What goes on the ESP: systemd-boot, kernel, initrd, loader entries, and syslinux.cfg for BIOS.
+fn plan_esp(a: &Args, sys: &System, time: u64) -> Result<esp::EspPlan> {
     let systemd_boot = match &a.systemd_boot {
         Some(f) => f.clone(),
-        None => find_systemd_boot(&toplevel, &closure, efi_suffix)?,
+        None => find_systemd_boot(&sys.toplevel, &sys.closure, sys.efi_suffix)?,
     };
-    let time = image_time();
     let mut esp_plan = esp::plan(&esp::PlanInput {
-        spec: &spec,
-        store_dir: &store_dir,
-        kernel: &kernel,
-        initrd: &initrd,
+        spec: &sys.spec,
+        store_dir: &sys.store_dir,
+        kernel: &sys.kernel,
+        initrd: &sys.initrd,
         systemd_boot: &systemd_boot,
-        arch_name: arch.name,
+        arch_name: sys.arch.name,
         timeout: a.timeout,
         build_time: time,
     })
     .map_err(Error::new)?;
-    if boot != Boot::Uefi {
+    if sys.boot != Boot::Uefi {
         let cfg = syslinux_cfg(&esp_plan);
         esp_plan.files.push(("syslinux.cfg".into(), esp::Content::Text(cfg)));
     }
-    let seed = a.seed.clone().unwrap_or_else(|| {
-        let mut parts = vec![top.clone(), format!("{boot:?}"), a.size.clone(), esp_size.to_string(), time.to_string()];
-        parts.extend(closure.paths.iter().map(|p| format!("{} {}", p.path, p.nar_hash)));
-        ids::default_seed(&parts.iter().map(String::as_str).collect::<Vec<_>>())
-    });
-    let ids = ids::derive(&seed);
+    Ok(esp_plan)
+}
 
-    let total: u64 = closure.paths.iter().map(|p| p.nar_size).sum();
-    progress.step(&format!("staging {} store paths ({})", closure.paths.len(), human(total)));
-    let staging = cleanup.add(tempdir()?);
-    let root = staging.join("root");
-    rootfs::mkdir_root(&root)?;
+/// The root's tree in `root`: the store paths, the profile links and the Nix database.
+fn stage_root(root: &Path, sys: &System, time: u64, total: u64, progress: &mut Progress) -> Result<rootfs::Staged> {
+    rootfs::mkdir_root(root)?;
     let mut done = 0u64;
     let mut last = 0u64;
     let mut tick = |n: u64| {
@@ -369,93 +477,32 @@ fn build(a: Args, cleanup: &mut Cleanup) -> Result<()> {
             progress.bytes(done, total);
         }
     };
-    let staged = rootfs::stage(&root, &closure, &store_dir, &toplevel, &mut tick)?;
+    let staged = rootfs::stage(root, &sys.closure, &sys.store_dir, &sys.toplevel, &mut tick)?;
     check_interrupted()?;
-    nixdb::write(&root.join("nix/var/nix/db"), &closure, time)?;
+    nixdb::write(&root.join("nix/var/nix/db"), &sys.closure, time)?;
+    Ok(staged)
+}
 
-    let (need, inodes) = layout::root_estimate(staged.data, staged.inodes);
-    let lay = match fixed_size {
-        None => layout::layout(esp_size, need),
-        Some(s) => layout::for_disk(s, esp_size, need).map_err(|e| Error::new(e).code(2))?,
-    };
-    let inodes = inodes.max(lay.root_size / 16384);
-
-    progress.step(&format!(
-        "partitioning a {} disk (ESP {}, root {})",
-        human(lay.disk),
-        human(lay.esp_size),
-        human(lay.root_size)
-    ));
-    let raw = cleanup.add(tmp_name(&a.out, "raw"));
-    let file =
-        fs::OpenOptions::new().read(true).write(true).create_new(true).open(&raw).map_err(|e| Error::io(&raw, e))?;
-    file.set_len(lay.disk).map_err(|e| Error::io(&raw, e))?;
-    let mut sfdisk = Command::new("sfdisk");
-    sfdisk.args(["--quiet", "--no-reread", "--no-tell-kernel", "--wipe", "never"]).arg(&raw);
-    pipe_run(
-        "sfdisk",
-        "fdisk (util-linux's sfdisk)",
-        &mut sfdisk,
-        &layout::sfdisk_script(&lay, &ids, boot != Boot::Uefi),
-    )?;
-
-    progress.step("writing the ESP (systemd-boot, kernel, initrd, loader entries)");
-    esp::write(&file, lay.esp_offset, lay.esp_size, ids.esp_volume_id, &esp_plan)?;
-    esp::set_hidden_sectors(&file, lay.esp_offset)?;
-    if boot != Boot::Uefi {
-        install_bios(&raw, &closure, a.syslinux.as_deref(), time)?;
-    }
-    check_interrupted()?;
-
-    progress.step(&format!("making the ext4 root ({} inodes)", staged.inodes));
-    rootfs::mkfs(&rootfs::Mkfs {
-        staging: &root,
-        image: &raw,
-        offset: lay.root_offset,
-        size: lay.root_size,
-        inodes,
-        uuid: &ids.root_fs,
-        hash_seed: &ids.root_hash_seed,
-        time,
-    })?;
-    file.sync_all().map_err(|e| Error::io(&raw, e))?;
-    drop(file);
-    check_interrupted()?;
-
-    progress.step(&format!("writing {}", a.out.display()));
-    let done_file = match a.format {
-        Format::Raw => raw.clone(),
+/// The finished raw disk in the output format, as a temporary file beside the output.
+fn convert(raw: &Path, a: &Args, cleanup: &mut Cleanup) -> Result<PathBuf> {
+    Ok(match a.format {
+        Format::Raw => raw.to_path_buf(),
         Format::Qcow2 => {
             let q = cleanup.add(tmp_name(&a.out, "qcow2"));
             run_tool(
                 "qemu-img",
                 "qemu-utils",
-                Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&q),
+                Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(raw).arg(&q),
             )?;
             q
         }
         Format::RawZst => {
             let z = cleanup.add(tmp_name(&a.out, "zst"));
             // Multi-threaded zstd output does not depend on the number of threads (only on -T0 vs none).
-            run_tool("zstd", "zstd", Command::new("zstd").args(["-q", "-f", "-T0", "-3"]).arg(&raw).arg("-o").arg(&z))?;
+            run_tool("zstd", "zstd", Command::new("zstd").args(["-q", "-f", "-T0", "-3"]).arg(raw).arg("-o").arg(&z))?;
             z
         }
-    };
-    check_interrupted()?;
-    fs::rename(&done_file, &a.out).map_err(|e| Error::io(&a.out, e))?;
-    cleanup.0.retain(|p| p != &done_file);
-    let size = fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
-    println!(
-        "{}: {:?} {} image of {} ({} disk), {} store paths, root {}",
-        a.out.display(),
-        boot,
-        format!("{:?}", a.format).to_lowercase(),
-        human(size),
-        human(lay.disk),
-        closure.paths.len(),
-        ids.root_fs
-    );
-    Ok(())
+    })
 }
 
 fn tempdir() -> Result<PathBuf> {

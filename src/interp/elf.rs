@@ -195,49 +195,12 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
     let file_size = file.metadata().map_err(ElfError::Io)?.len();
     for ph in &phdrs {
         match ph.p_type {
-            PT_LOAD => {
-                // What the kernel and ld.so would refuse, refused here with a clear word (a bad
-                // segment handed on can make qemu or ld.so spin instead of failing).
-                if ph.p_filesz > ph.p_memsz {
-                    return Err(ElfError::Malformed("a PT_LOAD segment's file size exceeds its memory size"));
-                }
-                if ph.p_vaddr.checked_add(ph.p_memsz).is_none() {
-                    return Err(ElfError::Malformed("a PT_LOAD segment wraps around the address space"));
-                }
-                // A segment with no file bytes (bss only) reads nothing: the kernel ignores its offset,
-                // which linkers leave wherever the previous section ended, often past the end.
-                if ph.p_filesz > 0 && ph.p_offset.checked_add(ph.p_filesz).map_or(true, |end| end > file_size) {
-                    return Err(ElfError::Truncated("a loaded segment"));
-                }
-                if ph.p_align > 1
-                    && (!ph.p_align.is_power_of_two() || ph.p_vaddr % ph.p_align != ph.p_offset % ph.p_align)
-                {
-                    return Err(ElfError::Malformed("a PT_LOAD segment's address and offset are not aligned alike"));
-                }
-                let lo = ph.p_vaddr & !0xfff;
-                let hi = ph.p_vaddr.saturating_add(ph.p_memsz);
-                facts.lowest_load = Some(facts.lowest_load.map_or(lo, |l| l.min(lo)));
-                facts.highest_load = Some(facts.highest_load.map_or(hi, |h| h.max(hi)));
-            }
+            PT_LOAD => load_span(ph, file_size, &mut facts)?,
             PT_INTERP => {
                 if facts.interp.is_some() {
                     return Err(ElfError::Malformed("more than one PT_INTERP"));
                 }
-                if ph.p_filesz < 2 || ph.p_filesz > MAX_INTERP {
-                    return Err(ElfError::Malformed("PT_INTERP size out of range"));
-                }
-                let mut buf = vec![0u8; ph.p_filesz as usize];
-                read_exact_at(file, &mut buf, ph.p_offset, "PT_INTERP")?;
-                // The kernel insists on the terminating NUL and uses the string up to the first one.
-                if buf.last() != Some(&0) {
-                    return Err(ElfError::Malformed("PT_INTERP is not NUL-terminated"));
-                }
-                let end = buf.iter().position(|&b| b == 0).unwrap_or(0);
-                if end == 0 {
-                    return Err(ElfError::Malformed("PT_INTERP is empty"));
-                }
-                buf.truncate(end);
-                facts.interp = Some(buf);
+                facts.interp = Some(read_interp(file, ph)?);
             }
             PT_DYNAMIC => dynamic = Some(ph.clone()),
             _ => {}
@@ -256,6 +219,50 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
         read_dynamic(file, &dynph, &phdrs, class, endian, &mut facts)?;
     }
     Ok(facts)
+}
+
+/// A PT_LOAD checked as the kernel and ld.so would check it, widening the loaded span.
+fn load_span(ph: &ProgramHeader, file_size: u64, facts: &mut ElfFacts) -> Result<(), ElfError> {
+    // What the kernel and ld.so would refuse, refused here with a clear word (a bad
+    // segment handed on can make qemu or ld.so spin instead of failing).
+    if ph.p_filesz > ph.p_memsz {
+        return Err(ElfError::Malformed("a PT_LOAD segment's file size exceeds its memory size"));
+    }
+    if ph.p_vaddr.checked_add(ph.p_memsz).is_none() {
+        return Err(ElfError::Malformed("a PT_LOAD segment wraps around the address space"));
+    }
+    // A segment with no file bytes (bss only) reads nothing: the kernel ignores its offset,
+    // which linkers leave wherever the previous section ended, often past the end.
+    if ph.p_filesz > 0 && ph.p_offset.checked_add(ph.p_filesz).map_or(true, |end| end > file_size) {
+        return Err(ElfError::Truncated("a loaded segment"));
+    }
+    if ph.p_align > 1 && (!ph.p_align.is_power_of_two() || ph.p_vaddr % ph.p_align != ph.p_offset % ph.p_align) {
+        return Err(ElfError::Malformed("a PT_LOAD segment's address and offset are not aligned alike"));
+    }
+    let lo = ph.p_vaddr & !0xfff;
+    let hi = ph.p_vaddr.saturating_add(ph.p_memsz);
+    facts.lowest_load = Some(facts.lowest_load.map_or(lo, |l| l.min(lo)));
+    facts.highest_load = Some(facts.highest_load.map_or(hi, |h| h.max(hi)));
+    Ok(())
+}
+
+/// PT_INTERP's path, up to its first NUL.
+fn read_interp(file: &File, ph: &ProgramHeader) -> Result<Vec<u8>, ElfError> {
+    if ph.p_filesz < 2 || ph.p_filesz > MAX_INTERP {
+        return Err(ElfError::Malformed("PT_INTERP size out of range"));
+    }
+    let mut buf = vec![0u8; ph.p_filesz as usize];
+    read_exact_at(file, &mut buf, ph.p_offset, "PT_INTERP")?;
+    // The kernel insists on the terminating NUL and uses the string up to the first one.
+    if buf.last() != Some(&0) {
+        return Err(ElfError::Malformed("PT_INTERP is not NUL-terminated"));
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(0);
+    if end == 0 {
+        return Err(ElfError::Malformed("PT_INTERP is empty"));
+    }
+    buf.truncate(end);
+    Ok(buf)
 }
 
 fn read_some(file: &File, buf: &mut [u8]) -> Result<usize, ElfError> {

@@ -4,6 +4,11 @@
 //! AT_FLAGS; with `O`/`C` it also opens the program for us (AT_EXECFD). This path runs for every
 //! foreign exec of a build: no clap, no logging unless asked, bounded reads, and on failure one line
 //! `nixqimg: PATH: what went wrong (what to do)` with exit 126, or 127 when a file is missing.
+//!
+//! The folder is the hot path: `mod.rs` (the binfmt entry point) → `elf` (bounded reads of the ELF's
+//! facts) → `plan` (pure: facts + host facts → the exec) → `exec` (the execve edge), with `config`.
+//! It imports only the shared leaves `arch`, `error` and `logging` (tests/layout.rs keeps it so), so it
+//! could be built alone as a separate binary should a measurement ask for one.
 
 pub mod config;
 pub mod elf;
