@@ -121,12 +121,19 @@ in
       type = types.package;
       default = pkgs.callPackage ./package.nix { inherit (cfg) strategy; };
       defaultText = lib.literalExpression "pkgs.callPackage ./package.nix { inherit (cfg) strategy; }";
-      description = "The static nixqimg, with its static qemu-user fixed at build time.";
+      description = ''
+        The static nixqimg, with its static qemu-user fixed at build time (on aarch64 build machines
+        nixpkgs' pkgsStatic.qemu-user with the upstream fixes it needs, see binfmt-lib.nix).
+      '';
     };
   };
 
   config = lib.mkIf cfg.enable {
     assertions = [
+      {
+        assertion = (nixqimg.qemu or null) != null;
+        message = "nixqimg.binfmt.package has no qemu-user built in (staticQemu = null makes the image-only build); the interpreter needs one.";
+      }
       {
         assertion = !(lib.elem hostSystem served);
         message = "nixqimg.binfmt.emulatedSystems must not hold the machine's own system ${hostSystem}.";

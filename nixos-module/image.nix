@@ -6,7 +6,10 @@
   pkgs,
   # The evaluated NixOS configuration (nixosSystem's `config`), with nixqimg.cloudImage options.
   config,
-  nixqimg ? pkgs.nixqimg or (pkgs.callPackage ./package.nix { }),
+  # nixqimg without a qemu-user: the assembly runs nothing foreign, and the static qemu-user does
+  # not build on every build machine (binfmt-lib.nix, staticQemuFixes). Its only qemu is qemu-img
+  # (qemu-utils, cloud-lib.nix's imageTools), for the qcow2 conversion.
+  nixqimg ? pkgs.callPackage ./package.nix { staticQemu = null; },
 }:
 let
   cloudLib = import ./cloud-lib.nix;

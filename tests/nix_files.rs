@@ -533,3 +533,122 @@ fn every_tool_image_nix_names_is_needed() {
         assert!(!case.t.0.join("out/nixos.qcow2").exists(), "without {without}: an image was written anyway");
     }
 }
+
+/// A stand-in for the few parts of nixpkgs that package.nix and image.nix call, for evaluating the
+/// real files here (CI has Nix but no nixpkgs). `qemu-user` carries the configureFlags and
+/// buildInputs nixpkgs' pkgs/applications/virtualization/qemu/default.nix (qemu 10.1.2) gives a
+/// static userOnly build, and `overrideAttrs` returns a new package (a new store path) with the
+/// function applied to the old attributes, as stdenv's does. `buildRustPackage` and `runCommand`
+/// return their arguments, so a test reads what the files asked for.
+const NIXPKGS_STAND_IN: &str = r#"
+system:
+let
+  lib = {
+    elem = builtins.elem;
+    importTOML = f: builtins.fromTOML (builtins.readFile f);
+    importJSON = f: builtins.fromJSON (builtins.readFile f);
+    fileset = { unions = l: l; toSource = _: "stand-in-source"; };
+    optionalAttrs = c: a: if c then a else { };
+    optionalString = c: s: if c then s else "";
+    licenses.mit = "mit";
+    platforms.linux = [ ];
+    systems.elaborate = p: if builtins.isString p then { system = p; } else p;
+    getBin = p: p;
+    escapeShellArgs = map (a: "'${a}'");
+  };
+  drv = name: attrs: attrs // { inherit name; outPath = "/nix/store/${builtins.hashString "md5" name}-${name}"; };
+  mkQemu = n: attrs: drv "qemu-user-10.1.2${n}" attrs // {
+    overrideAttrs = f: mkQemu "${n}-overridden" (attrs // f attrs);
+  };
+  qemu-user = mkQemu "" {
+    pname = "qemu-user";
+    configureFlags = [ "--disable-strip" "--enable-gnutls" "--disable-docs" "--disable-tools"
+      "--localstatedir=/var" "--sysconfdir=/etc" "--cross-prefix=" "--disable-guest-agent"
+      "--disable-plugins" "--disable-install-blobs" "--disable-system" "--static" ];
+    buildInputs = map (p: drv p { pname = p; }) [ "glib" "gnutls" "zlib" ];
+  };
+  pkgsStatic = {
+    inherit lib qemu-user;
+    stdenv.hostPlatform.system = system;
+    rustPlatform.buildRustPackage = attrs: drv "nixqimg" attrs;
+  };
+  pkgs = pkgsStatic // {
+    inherit pkgsStatic;
+    callPackage = fn: args: let f = import fn; in f (builtins.intersectAttrs (builtins.functionArgs f) pkgs // args);
+    closureInfo = a: drv "closure-info" a;
+    runCommand = name: env: script: drv name (env // { inherit script; });
+  } // builtins.listToAttrs (map (n: { name = n; value = drv n { pname = n; }; })
+         [ "util-linux" "e2fsprogs" "sqlite" "qemu-utils" "mtools" ]);
+in { inherit pkgs qemu-user; }
+"#;
+
+/// What package.nix's default qemu is on each build machine: nixpkgs' pkgsStatic.qemu-user
+/// unchanged on x86_64; on aarch64 the same with both upstream fixes (no gnutls/nettle:
+/// NixOS/nixpkgs#464805; --disable-pie: #366902, #500039), everything else of qemu's kept in order.
+#[test]
+fn the_static_qemu_per_build_machine_carries_the_aarch64_fixes() {
+    let q = |system: &str, what: &str| {
+        eval_json(&format!(
+            r#"let s = ({NIXPKGS_STAND_IN}) "{system}";
+                   n = s.pkgs.callPackage ./nixos-module/package.nix {{ }};
+                   q = n.passthru.qemu;
+               in {what}"#
+        ))
+    };
+    // x86_64: the very package nixpkgs has (the same store path), qemu's own flags.
+    assert_eq!(q("x86_64-linux", "q.outPath == s.qemu-user.outPath"), "true");
+    assert_eq!(q("x86_64-linux", "n.env.NIXQIMG_QEMU_DIR == \"${s.qemu-user}/bin\""), "true");
+    // aarch64: a new package, qemu's flags without --enable-gnutls, then the three fixes.
+    assert_eq!(q("aarch64-linux", "q.outPath != s.qemu-user.outPath"), "true");
+    assert_eq!(
+        q("aarch64-linux", "q.configureFlags"),
+        concat!(
+            r#"["--disable-strip","--disable-docs","--disable-tools","--localstatedir=/var","--sysconfdir=/etc","#,
+            r#""--cross-prefix=","--disable-guest-agent","--disable-plugins","--disable-install-blobs","--disable-system","#,
+            r#""--static","--disable-gnutls","--disable-nettle","--disable-pie"]"#
+        )
+    );
+    assert_eq!(q("aarch64-linux", "map (p: p.pname) q.buildInputs"), r#"["glib","zlib"]"#);
+    // The binary is built against the fixed qemu, not nixpkgs' one.
+    assert_eq!(q("aarch64-linux", "n.env.NIXQIMG_QEMU_DIR == \"${q}/bin\""), "true");
+    // What the decision names, per system (binfmt-lib.nix): only aarch64 gets fixes.
+    assert_eq!(
+        eval_json(
+            r#"let l = import ./nixos-module/binfmt-lib.nix; in
+               map (s: l.staticQemuFixes s != null) [ "x86_64-linux" "aarch64-linux" ]"#
+        ),
+        "[false,true]"
+    );
+}
+
+/// The image outputs depend on no qemu-user at all: `nixqimg image` runs nothing foreign, and an
+/// aarch64 build machine cannot build nixpkgs' static one. Its only qemu is qemu-img (qemu-utils,
+/// for the qcow2 conversion), which the test above of imageTools shows it needs.
+#[test]
+fn the_image_derivation_uses_a_nixqimg_without_qemu_user() {
+    for system in ["x86_64-linux", "aarch64-linux"] {
+        let got = eval_json(&format!(
+            r#"let s = ({NIXPKGS_STAND_IN}) "{system}";
+                   config = {{
+                     nixqimg.cloudImage = {{ format = "qcow2"; espSizeMiB = 448; bios.enable = false; }};
+                     system.build.toplevel = "/nix/store/00000000000000000000000000000000-nixos-system";
+                     system.nixos.label = "26.05";
+                     nixpkgs.hostPlatform = "{system}";
+                     boot.loader.timeout = 0;
+                   }};
+                   img = import ./nixos-module/image.nix {{ inherit (s) pkgs; inherit config; }};
+                   names = map (p: p.name) img.nativeBuildInputs;
+                   nixqimg = builtins.head img.nativeBuildInputs;
+               in {{
+                 inherit names;
+                 qemuDir = nixqimg.env ? NIXQIMG_QEMU_DIR;
+                 qemu = nixqimg.passthru.qemu;
+               }}"#
+        ));
+        assert_eq!(
+            got,
+            r#"{"names":["nixqimg","util-linux","e2fsprogs","sqlite","qemu-utils","mtools"],"qemu":null,"qemuDir":false}"#,
+            "{system}"
+        );
+    }
+}

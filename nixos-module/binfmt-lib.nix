@@ -1,0 +1,70 @@
+# The decisions of the binfmt side that are plain data: which static qemu-user a build machine gets
+# (and which upstream fixes it needs). Written with builtins only (no nixpkgs), so that
+# CI, which has Nix but no nixpkgs, evaluates them for real (tests/nix_files.rs); package.nix and
+# binfmt.nix are thin callers.
+rec {
+  table = builtins.fromJSON (builtins.readFile ./binfmt-table.json);
+  bySystem = builtins.listToAttrs (
+    map (e: {
+      name = e.system;
+      value = e;
+    }) table.systems
+  );
+
+  # --- The static qemu-user that nixqimg execs (package.nix) ---------------------------------
+  #
+  # nixpkgs' pkgsStatic.qemu-user does not build, or does not run, on aarch64-linux (read in
+  # pkgs/applications/virtualization/qemu/default.nix at qemu 10.1.2, and the issues named here):
+  # - NixOS/nixpkgs#464805 (open): linking the static nettle that gnutls pulls in fails with
+  #   "relocation truncated to fit: R_AARCH64_LD64_GOTPAGE_LO15 ... recompile with -fPIC". qemu's
+  #   derivation always has gnutls in buildInputs and passes "--enable-gnutls" (it has no switch for
+  #   it); #499871 (closed, not merged) would have dropped gnutls for userOnly builds, where it only
+  #   seeds the RNG. So: no gnutls, no nettle.
+  # - NixOS/nixpkgs#366902 and #362367: the static-pie binary segfaults at start on arm64;
+  #   #500039 (open, not merged) adds "--disable-pie" when static on aarch64; qemu's configure
+  #   does not notice by itself that PIE cannot work there.
+  # x86_64 gets nixpkgs' package unchanged (so a binary cache can serve it).
+  staticQemuFixes =
+    system:
+    if system == "aarch64-linux" then
+      {
+        # Dropped from qemu's own lists, then the opposites added.
+        dropConfigureFlags = [ "--enable-gnutls" ];
+        addConfigureFlags = [
+          "--disable-gnutls"
+          "--disable-nettle"
+          "--disable-pie"
+        ];
+        dropBuildInputs = [
+          "gnutls"
+          "nettle"
+        ];
+        why = "NixOS/nixpkgs#464805 (static nettle via gnutls fails to link), #366902/#362367 (static-pie segfaults; #500039)";
+      }
+    else
+      null;
+
+  # The function overrideAttrs takes, for a set of fixes: qemu's configureFlags and buildInputs
+  # with the named ones removed (buildInputs by pname) and the new flags appended.
+  applyQemuFixes =
+    fixes: old:
+    let
+      pnameOf = p: if builtins.isAttrs p then p.pname or (p.name or "") else "";
+    in
+    {
+      configureFlags =
+        builtins.filter (f: !(builtins.elem f fixes.dropConfigureFlags)) (old.configureFlags or [ ])
+        ++ fixes.addConfigureFlags;
+      buildInputs = builtins.filter (p: !(builtins.elem (pnameOf p) fixes.dropBuildInputs)) (
+        old.buildInputs or [ ]
+      );
+    };
+
+  # The qemu-user to build nixqimg against, from pkgsStatic (its hostPlatform's system decides).
+  staticQemuFor =
+    pkgsStatic:
+    let
+      fixes = staticQemuFixes pkgsStatic.stdenv.hostPlatform.system;
+    in
+    if fixes == null then pkgsStatic.qemu-user else pkgsStatic.qemu-user.overrideAttrs (applyQemuFixes fixes);
+}
