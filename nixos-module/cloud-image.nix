@@ -136,9 +136,10 @@ in
     boot.loader.systemd-boot.enable = true;
     boot.loader.systemd-boot.editor = lib.mkDefault false;
     boot.loader.systemd-boot.configurationLimit = lib.mkDefault 5;
-    boot.loader.systemd-boot.extraInstallCommands = lib.mkIf cfg.bios.enable ''
-      ${biosSync}
-    '';
+    # First of the extra commands, so it sees systemd-boot's own exit status (cloud-lib.nix).
+    boot.loader.systemd-boot.extraInstallCommands = lib.mkIf cfg.bios.enable (
+      lib.mkOrder 0 (cloudLib.installCommands { inherit biosSync; })
+    );
     boot.loader.timeout = lib.mkDefault 0;
     boot.loader.efi.canTouchEfiVariables = false;
     boot.loader.efi.efiSysMountPoint = "/boot";

@@ -61,6 +61,25 @@ rec {
       esp
     ];
 
+  # What the cloud image adds to boot.loader.systemd-boot.extraInstallCommands. nixpkgs'
+  # systemd-boot.nix writes install-systemd-boot.sh as `#!runtimeShell`, then
+  # `systemd-boot "$@"`, then the extra commands, with no `set -e` (read at commit
+  # 01e499cec163a442f5edeffa7e618171002cc01e): the script's exit status is that of the last extra
+  # command, so a failed systemd-boot install (a full ESP) followed by a good BIOS sync reported
+  # success without the new generation. These lines go first (mkOrder 0) so `$?` is still
+  # systemd-boot's; a failure of either step ends the script with that step's status.
+  # tests/nix_files.rs runs them under bash behind a failing and a succeeding first step.
+  installCommands =
+    { biosSync }:
+    ''
+      nixqimg_systemd_boot_status=$?
+      if [ "$nixqimg_systemd_boot_status" -ne 0 ]; then
+        echo "nixqimg: the systemd-boot install failed (exit $nixqimg_systemd_boot_status); the BIOS menu was left as it was" >&2
+        exit "$nixqimg_systemd_boot_status"
+      fi
+      ${biosSync} || exit $?
+    '';
+
   # BIOS boot only exists where the firmware can do it: x86.
   biosDefault = system: system == "x86_64-linux";
 

@@ -652,3 +652,66 @@ fn the_image_derivation_uses_a_nixqimg_without_qemu_user() {
         );
     }
 }
+
+/// A Nix string from `--eval --json` as its text (the escapes Nix's JSON printer uses).
+fn json_string(json: &str) -> String {
+    let inner = json.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or_else(|| panic!("{json}"));
+    let mut out = String::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some(other) => out.push(other),
+            None => panic!("dangling escape in {json}"),
+        }
+    }
+    out
+}
+
+/// nixpkgs' install-systemd-boot.sh (nixos/modules/system/boot/loader/systemd-boot/systemd-boot.nix,
+/// commit 01e499cec163a442f5edeffa7e618171002cc01e) is `#!runtimeShell`, `systemd-boot "$@"`, then
+/// extraInstallCommands, no `set -e`. The same script here, under bash, with a first step and a
+/// BIOS sync that exit as told and a later module's extra command after the cloud image's: a
+/// failure of either step is the script's exit status, and a failed install skips the sync.
+#[test]
+fn the_install_script_fails_when_systemd_boot_or_the_bios_sync_fails() {
+    let t = TempDir::new("install");
+    let marker = t.0.join("synced");
+    let sync = t.0.join("bios-sync");
+    let commands = json_string(&eval_json(&format!(
+        r#"(import ./nixos-module/cloud-lib.nix).installCommands {{ biosSync = "{}"; }}"#,
+        sync.display()
+    )));
+    for (first, synced, want, want_synced) in [(0, 0, 0, true), (1, 0, 1, false), (0, 3, 3, true), (2, 5, 2, false)] {
+        let _ = std::fs::remove_file(&marker);
+        std::fs::write(&sync, format!("#!/bin/sh\ntouch '{}'\nexit {synced}\n", marker.display())).unwrap();
+        let step = t.0.join("systemd-boot");
+        std::fs::write(&step, format!("#!/bin/sh\nexit {first}\n")).unwrap();
+        let script = t.0.join("install-systemd-boot.sh");
+        std::fs::write(&script, format!("#!/bin/bash\n{} \"$@\"\n{commands}\ntrue\n", step.display())).unwrap();
+        for f in [&sync, &step, &script] {
+            std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script).arg("/nix/var/nix/profiles/system");
+        let out = run_with_timeout(cmd, Duration::from_secs(30));
+        assert_eq!(
+            out.status.code(),
+            Some(want),
+            "systemd-boot exit {first}, bios sync exit {synced}:\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&script).unwrap()
+        );
+        assert_eq!(marker.exists(), want_synced, "systemd-boot exit {first}: did the sync run?");
+        if first != 0 {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("the systemd-boot install failed (exit"), "{err}");
+        }
+    }
+}
