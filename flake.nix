@@ -123,6 +123,16 @@
             inherit pkgs;
             image = self.packages.${system}."qcow-${system}";
           };
+          # The same script on a disk with nothing on it: the boot must fail, and the failure must
+          # end the check (QEMU released) instead of hanging it.
+          qcow-boot-failure = import ./nixos-module/tests/qcow-boot.nix {
+            inherit pkgs;
+            expectFailure = true;
+            image = pkgs.runCommand "nixqimg-empty-disk" { nativeBuildInputs = [ pkgs.qemu-utils ]; } ''
+              mkdir $out
+              qemu-img create -q -f qcow2 $out/nixos.qcow2 1G
+            '';
+          };
           binfmt = import ./nixos-module/tests/binfmt.nix {
             inherit pkgs;
             binfmtModule = self.nixosModules.binfmt;
