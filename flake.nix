@@ -34,10 +34,22 @@
           inherit (nixos) config;
         };
 
+      # The channel the images follow inside the machine: the branch this flake's nixpkgs input is
+      # declared with, checked against the release that was locked (cloud-lib.nix).
+      inputChannel = cloudLib.flakeInputChannel {
+        url = (import ./flake.nix).inputs.nixpkgs.url;
+        inherit (lib.trivial) release;
+      };
+      cloudLib = import ./nixos-module/cloud-lib.nix;
+
       mkCloudImage =
         {
           # The system the image runs on: "x86_64-linux" or "aarch64-linux".
           system,
+          # The channel `nixos-rebuild --upgrade` follows in the machine ("nixos-26.05",
+          # "nixos-unstable" or a URL). Default: this flake's nixpkgs input's branch; give it when
+          # nixqimg's nixpkgs follows another input.
+          channel ? null,
           # Your own NixOS modules, on top of nixosModules.cloud-image.
           modules ? [ ],
           # Set to the build machine's system to cross-compile the whole system (`crossSystem`)
@@ -51,6 +63,7 @@
             modules = [
               self.nixosModules.cloud-image
               { nixpkgs.hostPlatform = system; }
+              { nixqimg.cloudImage.channel = lib.mkDefault (if channel != null then channel else inputChannel); }
               (lib.optionalAttrs (crossFrom != null) { nixpkgs.buildPlatform = crossFrom; })
             ] ++ modules;
           };

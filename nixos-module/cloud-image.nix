@@ -48,9 +48,10 @@ let
       bios = cfg.bios.enable;
       inherit (config.boot.loader.systemd-boot) configurationLimit;
       inherit (config.system) stateVersion;
-      inherit (cfg) channel;
+      channel = channelUrl;
     }
   );
+  channelUrl = cloudLib.channelUrl cfg.channel;
 in
 {
   imports = [
@@ -101,10 +102,16 @@ in
     };
 
     channel = lib.mkOption {
-      type = lib.types.str;
-      default = cloudLib.channelUrl { inherit (config.system.nixos) release versionSuffix; };
-      defaultText = lib.literalExpression "the channel of the release the image was built from";
-      description = "The channel `nixos-rebuild --upgrade` follows inside the machine (root's `nixos`).";
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "nixos-26.05";
+      description = ''
+        The channel `nixos-rebuild --upgrade` follows inside the machine (root's `nixos`): a channel
+        name (`nixos-26.05`, `nixos-unstable`) or a URL. It cannot be told from the nixpkgs the
+        image is built from (a flake's version suffix is `.YYYYMMDD.rev` for a release and for
+        unstable alike), so it is set explicitly; the flake's `mkCloudImage` sets it from its
+        nixpkgs input's branch. Needed when writeConfiguration is on.
+      '';
     };
 
     writeConfiguration = lib.mkOption {
@@ -123,6 +130,10 @@ in
       {
         assertion = cfg.bios.enable -> pkgs.stdenv.hostPlatform.isx86;
         message = "nixqimg.cloudImage.bios.enable: legacy BIOS exists only on x86; ${system} boots UEFI only.";
+      }
+      {
+        assertion = cfg.writeConfiguration -> cfg.channel != null;
+        message = "nixqimg.cloudImage.channel: say which channel this image follows (e.g. \"nixos-26.05\" or \"nixos-unstable\"); it cannot be told from the nixpkgs it is built from. nixqimg.lib.mkCloudImage sets it from the flake's nixpkgs input.";
       }
       {
         assertion = config.boot.loader.systemd-boot.configurationLimit != null;
@@ -271,6 +282,11 @@ in
     nixpkgs.flake.setNixPath = false;
 
     system.stateVersion = lib.mkDefault config.system.nixos.release;
+    # nixos/modules/config/nix-channel.nix (commit 025640dcb7270faa6fe80089fda831b89f3824a9) writes
+    # /root/.nix-channels from this (a tmpfiles `f` rule, only when the file is missing); make it
+    # agree with the image's channel. Above mkDefault (another module's mkDefault would conflict),
+    # below a plain definition of yours.
+    system.defaultChannel = lib.mkIf (cfg.channel != null) (lib.mkOverride 900 channelUrl);
 
     # The image assembly (nixqimg image) finds the BIOS loader's files in the closure.
     system.extraDependencies = lib.optional cfg.bios.enable pkgs.syslinux;
@@ -283,7 +299,7 @@ in
           cp --no-preserve=mode ${configurationNix} /etc/nixos/configuration.nix
         fi
         if [ ! -e /root/.nix-channels ]; then
-          echo ${lib.escapeShellArg "${cfg.channel} nixos"} > /root/.nix-channels
+          echo ${lib.escapeShellArg "${channelUrl} nixos"} > /root/.nix-channels
         fi
       ''
     );

@@ -303,15 +303,93 @@ fn esp_holds_every_kept_generation() {
     assert!(err.contains("configurationLimit must be a positive integer"), "{err}");
 }
 
+/// The channel comes from an explicit name or URL, never from the version suffix: a flake sets
+/// `.YYYYMMDD.shortRev` for a release branch and unstable alike, so the old guess gave an unstable
+/// image `nixos-26.11`, a channel that does not exist yet.
 #[test]
-fn channel_follows_the_release_the_image_was_built_from() {
+fn channel_is_a_name_or_url_given_never_a_guess_from_the_version() {
     let got = eval_json(
-        r#"let l = import ./nixos-module/cloud-lib.nix; in [
-             (l.channelUrl { release = "26.05"; versionSuffix = ".20260612.0123abc"; })
-             (l.channelUrl { release = "26.11"; versionSuffix = "pre912345.89abcde"; })
+        r#"let l = import ./nixos-module/cloud-lib.nix; in map l.channelUrl [
+             "nixos-26.05" "nixos-26.05-small" "nixos-unstable" "nixpkgs-unstable"
+             "https://example.org/channels/mine"
            ]"#,
     );
-    assert_eq!(got, r#"["https://nixos.org/channels/nixos-26.05","https://nixos.org/channels/nixos-unstable"]"#);
+    assert_eq!(
+        got,
+        concat!(
+            r#"["https://nixos.org/channels/nixos-26.05","https://nixos.org/channels/nixos-26.05-small","#,
+            r#""https://nixos.org/channels/nixos-unstable","https://nixos.org/channels/nixpkgs-unstable","#,
+            r#""https://example.org/channels/mine"]"#
+        )
+    );
+    for bad in [r#""26.05""#, r#"".20261130.abcdef0""#, "null"] {
+        let err = eval_error(&format!("(import ./nixos-module/cloud-lib.nix).channelUrl {bad}"));
+        assert!(err.contains("nixqimg cloud image:") && err.contains("channel"), "{bad}: {err}");
+    }
+}
+
+/// A flake's channel is its nixpkgs input's branch, checked against the release that was locked:
+/// a release input (26.05), an unstable input (whose lib says 26.11: no such channel yet), a
+/// pre-release branch (nixos-26.11 in its beta), and an input declared as 26.05 that in fact
+/// follows unstable (caught: the user must say).
+#[test]
+fn the_flake_channel_is_the_input_branch_checked_against_the_locked_release() {
+    let ok = eval_json(
+        r#"let f = (import ./nixos-module/cloud-lib.nix).flakeInputChannel; in [
+             (f { url = "github:NixOS/nixpkgs/nixos-26.05"; release = "26.05"; })
+             (f { url = "github:NixOS/nixpkgs/nixos-unstable"; release = "26.11"; })
+             (f { url = "github:nixos/nixpkgs?ref=nixos-26.05-small"; release = "26.05"; })
+             (f { url = "github:NixOS/nixpkgs/nixpkgs-unstable"; release = "26.11"; })
+             (f { url = "github:NixOS/nixpkgs/nixos-26.11"; release = "26.11"; })
+           ]"#,
+    );
+    // The last is a pre-release: the 26.11 branch during its beta, whose channel exists.
+    assert_eq!(ok, r#"["nixos-26.05","nixos-unstable","nixos-26.05-small","nixpkgs-unstable","nixos-26.11"]"#);
+    for (url, release, why) in [
+        ("github:NixOS/nixpkgs/nixos-26.05", "26.11", "the locked nixpkgs is release 26.11"),
+        ("github:NixOS/nixpkgs", "26.11", "names no branch"),
+        ("github:NixOS/nixpkgs/master", "26.11", "is not a NixOS channel"),
+    ] {
+        let err = eval_error(&format!(
+            r#"(import ./nixos-module/cloud-lib.nix).flakeInputChannel {{ url = "{url}"; release = "{release}"; }}"#
+        ));
+        assert!(err.contains(why) && err.contains("pass `channel` to mkCloudImage"), "{url} {release}: {err}");
+    }
+}
+
+/// The flake's mkCloudImage hands the cloud image module that channel (as a default the
+/// configuration may override), or the one it is given; evaluated with a stand-in nixpkgs whose
+/// lib has only what the flake calls and whose nixosSystem returns its modules.
+#[test]
+fn mk_cloud_image_sets_the_channel_from_the_input_or_its_argument() {
+    let channel = |release: &str, args: &str| {
+        let expr = format!(
+            r#"let
+                 lib = {{
+                   genAttrs = names: f: builtins.listToAttrs (map (n: {{ name = n; value = f n; }}) names);
+                   optionalAttrs = c: a: if c then a else {{ }};
+                   mkDefault = v: {{ _type = "override"; priority = 1000; content = v; }};
+                   trivial.release = "{release}";
+                   nixosSystem = a: {{ inherit (a) modules; config = throw "no config here"; }};
+                 }};
+                 f = import ./flake.nix;
+                 o = f.outputs {{ self = o; nixpkgs = {{ inherit lib; }}; }};
+                 img = o.lib.mkCloudImage ({{ system = "aarch64-linux"; }} // {args});
+                 sets = builtins.filter (m: builtins.isAttrs m && m ? nixqimg) img.modules;
+               in map (m: m.nixqimg.cloudImage.channel) sets"#
+        );
+        expr
+    };
+    assert_eq!(
+        eval_json(&channel("26.05", "{ }")),
+        r#"[{"_type":"override","content":"nixos-26.05","priority":1000}]"#
+    );
+    assert_eq!(
+        eval_json(&channel("26.11", r#"{ channel = "nixos-unstable"; }"#)),
+        r#"[{"_type":"override","content":"nixos-unstable","priority":1000}]"#
+    );
+    let err = eval_error(&channel("26.11", "{ }"));
+    assert!(err.contains("declared as nixos-26.05 but the locked nixpkgs is release 26.11"), "{err}");
 }
 
 /// The configuration.nix the image writes on first boot is a module that imports the copy of
@@ -337,7 +415,7 @@ fn the_written_configuration_reproduces_the_image() {
         format!(
             concat!(
                 r#"{{"boot":{{"loader":{{"systemd-boot":{{"configurationLimit":7}}}}}},"imports":["{}/nixqimg/cloud-image.nix"],"#,
-                r#""nixqimg":{{"cloudImage":{{"bios":{{"enable":true}}}}}},"#,
+                r#""nixqimg":{{"cloudImage":{{"bios":{{"enable":true}},"channel":"https://nixos.org/channels/nixos-26.05"}}}},"#,
                 r#""system":{{"installer":{{"channel":{{"enable":false}}}},"stateVersion":"26.05"}}}}"#
             ),
             t.0.display()
