@@ -1,5 +1,5 @@
 # The decisions of the binfmt side that are plain data: which static qemu-user a build machine gets
-# (and which upstream fixes it needs). Written with builtins only (no nixpkgs), so that
+# (and which upstream fixes it needs), which of nixpkgs' wrapQemuBinfmtP calls nixqimg may answer. Written with builtins only (no nixpkgs), so that
 # CI, which has Nix but no nixpkgs, evaluates them for real (tests/nix_files.rs); package.nix and
 # binfmt.nix are thin callers.
 rec {
@@ -67,4 +67,35 @@ rec {
       fixes = staticQemuFixes pkgsStatic.stdenv.hostPlatform.system;
     in
     if fixes == null then pkgsStatic.qemu-user else pkgsStatic.qemu-user.overrideAttrs (applyQemuFixes fixes);
+
+  # --- The wrapQemuBinfmtP overlay (binfmt.nix, overlay = true) -----------------------------
+  #
+  # nixpkgs' binfmt.nix calls `pkgs.wrapQemuBinfmtP "qemu-${qemuArch}-binfmt-P" interpreter` for
+  # every qemu-backed emulated system. Only the name tells which system it is for; nixqimg answers
+  # only the names of the qemus in its own table and hands every other call to nixpkgs' wrapper.
+  # (Two names are shared in nixpkgs: armv6l and armv7l both have qemuArch "arm", aarch64_be and
+  # aarch64 both "aarch64" (lib/systems/default.nix). The kernel hands such a wrapper only programs
+  # matching the entry's magic; nixqimg then picks qemu from the program's ELF header itself.)
+  wrapperName = e: "${e.qemu}-binfmt-P";
+  overlayServes = name: builtins.any (e: wrapperName e == name) table.systems;
+
+  # The overlay itself: `interpreter` is nixqimg's binary (a store path string).
+  wrapQemuBinfmtPOverlay = interpreter: final: prev: {
+    wrapQemuBinfmtP =
+      name: emulator:
+      if overlayServes name then
+        final.runCommand name { } ''
+          mkdir -p $out/bin
+          ln -s ${interpreter} $out/bin/${name}
+        ''
+      else
+        prev.wrapQemuBinfmtP name emulator;
+  };
+
+  # Under read-only pkgs (nixpkgs.pkgs given, as runNixOSTest does for its nodes:
+  # nixos/modules/misc/nixpkgs/read-only.nix) `nixpkgs.overlays` is a `types.unique` option that
+  # read-only.nix itself defines, so any further definition is an evaluation error. read-only.nix
+  # also drops the legacy options the ordinary nixpkgs module declares, such as `localSystem`:
+  # that is how a module can tell the two apart from `options`.
+  pkgsAreWritable = options: options.nixpkgs ? localSystem;
 }

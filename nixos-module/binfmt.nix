@@ -4,6 +4,7 @@
 # table (`nixqimg nix-config --module-table`); a Rust test keeps the file current.
 {
   config,
+  options,
   lib,
   pkgs,
   ...
@@ -11,13 +12,10 @@
 let
   inherit (lib) mkOption types;
   cfg = config.nixqimg.binfmt;
-  table = lib.importJSON ./binfmt-table.json;
-  bySystem = lib.listToAttrs (
-    map (e: {
-      name = e.system;
-      value = e;
-    }) table.systems
-  );
+  # The decisions (which wrapper calls the overlay answers, whether pkgs may take an overlay) live
+  # in binfmt-lib.nix, plain Nix that tests/nix_files.rs evaluates.
+  binfmtLib = import ./binfmt-lib.nix;
+  inherit (binfmtLib) bySystem;
   hostSystem = pkgs.stdenv.hostPlatform.system;
 
   nixqimg = cfg.package;
@@ -55,15 +53,10 @@ let
     value = common;
   };
 
-  # For machines that keep nixpkgs' module: its P wrapper becomes nixqimg itself.
-  overlay = final: prev: {
-    wrapQemuBinfmtP =
-      name: emulator:
-      final.runCommand name { } ''
-        mkdir -p $out/bin
-        ln -s ${interpreter} $out/bin/${name}
-      '';
-  };
+  # For machines that keep nixpkgs' module: its P wrapper becomes nixqimg itself, for the qemus in
+  # nixqimg's table only.
+  overlay = binfmtLib.wrapQemuBinfmtPOverlay interpreter;
+  pkgsWritable = binfmtLib.pkgsAreWritable options;
 in
 {
   options.nixqimg.binfmt = {
@@ -112,8 +105,11 @@ in
       type = types.bool;
       default = false;
       description = ''
-        Add an overlay that makes pkgs.wrapQemuBinfmtP return nixqimg, for configurations that use
-        that function elsewhere.
+        Add an overlay that makes pkgs.wrapQemuBinfmtP return nixqimg for the qemus in nixqimg's
+        table (other systems keep nixpkgs' wrapper), for configurations that use that function
+        elsewhere. Has no effect, with a warning, when this configuration's pkgs are read-only
+        (`nixpkgs.pkgs` given, as in runNixOSTest nodes): apply the overlay where those pkgs are
+        made instead.
       '';
     };
 
@@ -142,7 +138,13 @@ in
 
     boot.binfmt.registrations = lib.listToAttrs (map ownRegistration own ++ map takeOver takenOver);
 
-    nixpkgs.overlays = lib.mkIf cfg.overlay [ overlay ];
+    nixpkgs.overlays = lib.mkIf (cfg.overlay && pkgsWritable) [ overlay ];
+    warnings = lib.optional (cfg.overlay && !pkgsWritable) (
+      "nixqimg.binfmt.overlay has no effect: this configuration's pkgs are read-only (nixpkgs.pkgs "
+      + "is set, e.g. a runNixOSTest node), so nixpkgs.overlays cannot be extended. The registrations "
+      + "are served by nixqimg anyway (takeOverEmulatedSystems); for pkgs.wrapQemuBinfmtP itself, "
+      + "apply the overlay where those pkgs are made."
+    );
 
     # What `nixqimg nix-config` prints, in store paths: the interpreter and the qemu it execs
     # (a package directory each, never a directory and a path inside it). /run/binfmt holds the

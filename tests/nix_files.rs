@@ -793,3 +793,91 @@ fn the_install_script_fails_when_systemd_boot_or_the_bios_sync_fails() {
         }
     }
 }
+
+/// nixpkgs' qemu-backed binfmt systems (nixos/lib/binfmt-magics.nix, commit
+/// 8bccf164c099d99f7d4e1729f618ebb1001d464e) and the qemuArch nixpkgs' lib/systems/default.nix
+/// gives each: binfmt.nix calls `wrapQemuBinfmtP "qemu-${qemuArch}-binfmt-P"` for them.
+const NIXPKGS_QEMU_ARCH: &[(&str, &str)] = &[
+    ("armv6l-linux", "arm"),
+    ("armv7l-linux", "arm"),
+    ("aarch64-linux", "aarch64"),
+    ("aarch64_be-linux", "aarch64"),
+    ("i386-linux", "i386"),
+    ("i486-linux", "i386"),
+    ("i586-linux", "i386"),
+    ("i686-linux", "i386"),
+    ("x86_64-linux", "x86_64"),
+    ("alpha-linux", "alpha"),
+    ("sparc64-linux", "sparc64"),
+    ("sparc-linux", "sparc"),
+    ("powerpc-linux", "ppc"),
+    ("powerpc64-linux", "ppc64"),
+    ("powerpc64le-linux", "ppc64le"),
+    ("mips-linux", "mips"),
+    ("mipsel-linux", "mipsel"),
+    ("mips64-linux", "mips64"),
+    ("mips64el-linux", "mips64el"),
+    ("mips64-linuxabin32", "mipsn32"),
+    ("mips64el-linuxabin32", "mipsn32el"),
+    ("riscv32-linux", "riscv32"),
+    ("riscv64-linux", "riscv64"),
+    ("loongarch64-linux", "loongarch64"),
+    ("s390x-linux", "s390x"),
+];
+
+/// The overlay (binfmt.nix, overlay = true) answers nixpkgs' wrapQemuBinfmtP only for the qemus in
+/// nixqimg's arch table and hands every other call to nixpkgs' own wrapper: the real overlay
+/// function, called as nixpkgs' binfmt.nix calls it, with stand-ins for final and prev.
+#[test]
+fn the_overlay_replaces_wrappers_only_for_qemus_in_the_arch_table() {
+    let facts: Vec<String> = NIXPKGS_QEMU_ARCH.iter().map(|(s, a)| format!(r#"{{ s = "{s}"; a = "{a}"; }}"#)).collect();
+    let got = eval_json(&format!(
+        r#"let
+             l = import ./nixos-module/binfmt-lib.nix;
+             final = {{ runCommand = name: env: script: {{ by = "nixqimg"; inherit name script; }}; }};
+             prev = {{ wrapQemuBinfmtP = name: emulator: {{ by = "nixpkgs"; inherit name emulator; }}; }};
+             w = (l.wrapQemuBinfmtPOverlay "/nix/store/00000000000000000000000000000000-nixqimg/bin/nixqimg" final prev).wrapQemuBinfmtP;
+             call = f: w "qemu-${{f.a}}-binfmt-P" "/nix/store/00000000000000000000000000000000-qemu-user/bin/qemu-${{f.a}}";
+             facts = [ {} ];
+             results = map (f: {{ inherit (f) s; r = call f; }}) facts;
+             served = map (x: x.s) (builtins.filter (x: x.r.by == "nixqimg") results);
+             kept = map (x: x.s) (builtins.filter (x: x.r.by == "nixpkgs") results);
+             tableSystems = map (e: e.system) l.table.systems;
+             # Every system of the table is served under the name nixpkgs uses for it.
+             tableServed = builtins.all (s: builtins.elem s served) tableSystems;
+             # A served wrapper is nixqimg under the wrapper's name; a kept one got nixpkgs' arguments.
+             one = call {{ a = "aarch64"; }};
+             other = call {{ a = "riscv32"; }};
+           in {{
+             inherit kept tableServed;
+             link = builtins.match ".*ln -s /nix/store/[^ ]*-nixqimg/bin/nixqimg [$]out/bin/qemu-aarch64-binfmt-P.*" one.script != null;
+             otherArgs = [ other.name other.emulator ];
+           }}"#,
+        facts.join(" ")
+    ));
+    assert_eq!(
+        got,
+        concat!(
+            r#"{"kept":["alpha-linux","sparc64-linux","sparc-linux","powerpc-linux","powerpc64-linux","mips-linux","#,
+            r#""mipsel-linux","mips64-linux","mips64-linuxabin32","mips64el-linuxabin32","riscv32-linux"],"link":true,"#,
+            r#""otherArgs":["qemu-riscv32-binfmt-P","/nix/store/00000000000000000000000000000000-qemu-user/bin/qemu-riscv32"],"#,
+            r#""tableServed":true}"#
+        )
+    );
+}
+
+/// Under read-only pkgs (nixos/modules/misc/nixpkgs/read-only.nix, commit
+/// 196f6a812b310e3179afcf48bf2907853246dcad: options pkgs, config, overlays, hostPlatform,
+/// buildPlatform) the module must not define nixpkgs.overlays; the ordinary module
+/// (nixos/modules/misc/nixpkgs.nix, commit 026ffb9e7abfb4626926cc252fa69bcba85960ef) also declares
+/// localSystem, crossSystem and system, which is how binfmt.nix tells them apart.
+#[test]
+fn the_overlay_is_only_offered_to_writable_pkgs() {
+    let got = eval_json(
+        r#"let l = import ./nixos-module/binfmt-lib.nix; o = n: builtins.listToAttrs (map (x: { name = x; value = { }; }) n); in [
+             (l.pkgsAreWritable { nixpkgs = o [ "pkgs" "config" "overlays" "hostPlatform" "buildPlatform" "localSystem" "crossSystem" "system" ]; })
+             (l.pkgsAreWritable { nixpkgs = o [ "pkgs" "config" "overlays" "hostPlatform" "buildPlatform" ]; })
+           ]"#,
+    );
+    assert_eq!(got, "[true,false]");
+}
