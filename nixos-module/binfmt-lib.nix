@@ -1,5 +1,6 @@
 # The decisions of the binfmt side that are plain data: which static qemu-user a build machine gets
-# (and which upstream fixes it needs), which of nixpkgs' wrapQemuBinfmtP calls nixqimg may answer. Written with builtins only (no nixpkgs), so that
+# (and which upstream fixes it needs), what a taken-over nixpkgs registration matches, which of
+# nixpkgs' wrapQemuBinfmtP calls nixqimg may answer. Written with builtins only (no nixpkgs), so that
 # CI, which has Nix but no nixpkgs, evaluates them for real (tests/nix_files.rs); package.nix and
 # binfmt.nix are thin callers.
 rec {
@@ -67,6 +68,19 @@ rec {
       fixes = staticQemuFixes pkgsStatic.stdenv.hostPlatform.system;
     in
     if fixes == null then pkgsStatic.qemu-user else pkgsStatic.qemu-user.overrideAttrs (applyQemuFixes fixes);
+
+  # --- Taking over nixpkgs' registrations (binfmt.nix) ---------------------------------------
+  #
+  # nixpkgs' nixos/modules/system/boot/binfmt.nix gives each emulated system the magic and mask of
+  # nixos/lib/binfmt-magics.nix, merged in with `//` (plain definitions, not mkDefault). Its
+  # i686-linux entry matches e_machine 0x06 (EM_486, read at commit
+  # 8bccf164c099d99f7d4e1729f618ebb1001d464e), which no i686 toolchain emits: real i386/i686 ELF
+  # files say 0x03 (EM_386). A taken-over entry therefore gets nixqimg's own magic and mask, the
+  # ones its arch table checks against real ELF headers.
+  takeOverMatch = system: {
+    magicOrExtension = bySystem.${system}.magic;
+    mask = bySystem.${system}.mask;
+  };
 
   # --- The wrapQemuBinfmtP overlay (binfmt.nix, overlay = true) -----------------------------
   #

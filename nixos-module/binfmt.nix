@@ -12,8 +12,8 @@
 let
   inherit (lib) mkOption types;
   cfg = config.nixqimg.binfmt;
-  # The decisions (which wrapper calls the overlay answers, whether pkgs may take an overlay) live
-  # in binfmt-lib.nix, plain Nix that tests/nix_files.rs evaluates.
+  # The decisions (take-over magic, which wrapper calls the overlay answers, whether pkgs may take
+  # an overlay) live in binfmt-lib.nix, plain Nix that tests/nix_files.rs evaluates.
   binfmtLib = import ./binfmt-lib.nix;
   inherit (binfmtLib) bySystem;
   hostSystem = pkgs.stdenv.hostPlatform.system;
@@ -45,12 +45,15 @@ let
       mask = bySystem.${system}.mask;
     };
   };
-  # nixpkgs' entries keep their magic; only who serves them changes. Plain assignments beat the
-  # mkDefault values nixpkgs gives (its wrapQemuBinfmtP wrapper, or the bare static qemu when
-  # preferStaticEmulators is set, in which case the overlay alone would never be consulted).
+  # nixpkgs' entries keep their names; who serves them and what they match change. Plain
+  # assignments beat the mkDefault values nixpkgs gives the interpreter and flags (its
+  # wrapQemuBinfmtP wrapper, or the bare static qemu when preferStaticEmulators is set, in which
+  # case the overlay alone would never be consulted). nixpkgs merges its magic and mask in as plain
+  # definitions (nixos/modules/system/boot/binfmt.nix), so nixqimg's own ones need mkForce; its
+  # i686-linux magic matches no real i686 program (binfmt-lib.nix, takeOverMatch).
   takeOver = system: {
     name = system;
-    value = common;
+    value = common // lib.mapAttrs (_: lib.mkForce) (binfmtLib.takeOverMatch system);
   };
 
   # For machines that keep nixpkgs' module: its P wrapper becomes nixqimg itself, for the qemus in

@@ -881,3 +881,55 @@ fn the_overlay_is_only_offered_to_writable_pkgs() {
     );
     assert_eq!(got, "[true,false]");
 }
+
+/// Whether a binfmt_misc magic/mask pair (the `\xNN` text of a registration) matches a file's
+/// first bytes, as the kernel compares them.
+fn binfmt_matches(magic: &str, mask: &str, file: &Path) -> bool {
+    let bytes = |s: &str| -> Vec<u8> {
+        s.split("\\x")
+            .filter(|p| !p.is_empty())
+            .map(|h| u8::from_str_radix(h, 16).unwrap_or_else(|_| panic!("{s}")))
+            .collect()
+    };
+    let (magic, mask) = (bytes(magic), bytes(mask));
+    assert_eq!(magic.len(), mask.len());
+    let head = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    head.len() >= magic.len() && magic.iter().zip(&mask).zip(&head).all(|((m, k), h)| h & k == m & k)
+}
+
+/// A taken-over nixpkgs registration matches what nixqimg's table matches, checked against real
+/// ELF files: i686 from Debian's libc6-i386 (its loader, e_machine EM_386 as every i686 toolchain
+/// writes it), x86_64 from this machine's coreutils. nixpkgs' own i686-linux magic
+/// (nixos/lib/binfmt-magics.nix, commit 8bccf164c099d99f7d4e1729f618ebb1001d464e) says e_machine
+/// 0x06 (EM_486) and matches neither: an entry that kept it served no real i686 program.
+#[test]
+fn a_taken_over_entry_matches_real_i686_and_x86_64_programs() {
+    let i686 = Path::new("/usr/lib32/ld-linux.so.2");
+    assert!(
+        i686.exists(),
+        "{} is missing: install the Debian package libc6-i386 (listed in .ci/packages)",
+        i686.display()
+    );
+    let x86_64 = std::fs::canonicalize("/bin/true").unwrap();
+    let m = |system: &str| -> (String, String) {
+        let field = |f: &str| {
+            json_string(&eval_json(&format!(
+                r#"((import ./nixos-module/binfmt-lib.nix).takeOverMatch "{system}").{f}"#
+            )))
+        };
+        (field("magicOrExtension"), field("mask"))
+    };
+    let (i_magic, i_mask) = m("i686-linux");
+    let (x_magic, x_mask) = m("x86_64-linux");
+    assert!(binfmt_matches(&i_magic, &i_mask, i686), "i686 take-over {i_magic} misses a real i686 ELF");
+    assert!(!binfmt_matches(&i_magic, &i_mask, &x86_64), "i686 take-over matches an x86_64 ELF");
+    assert!(binfmt_matches(&x_magic, &x_mask, &x86_64), "x86_64 take-over {x_magic} misses a real x86_64 ELF");
+    assert!(!binfmt_matches(&x_magic, &x_mask, i686), "x86_64 take-over matches an i686 ELF");
+    // The magic nixpkgs' entry had before the take-over replaced it.
+    let nixpkgs_i686 = (
+        r"\x7fELF\x01\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x06\x00".replace("ELF", r"\x45\x4c\x46"),
+        r"\xff\xff\xff\xff\xff\xfe\xfe\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff",
+    );
+    assert!(!binfmt_matches(&nixpkgs_i686.0, nixpkgs_i686.1, i686));
+    assert!(!binfmt_matches(&nixpkgs_i686.0, nixpkgs_i686.1, &x86_64));
+}
