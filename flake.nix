@@ -26,7 +26,10 @@
         };
 
       # The image of `nixos` assembled by `buildPkgs`' own nixqimg: on an x86_64 machine making an
-      # aarch64 image nothing runs under emulation, the disk is only bytes (see nixos-module/image.nix).
+      # aarch64 image the assembly runs natively, the disk is only bytes (see nixos-module/image.nix).
+      # The closure it packs is not: the toplevel's own derivations (etc, system-path, the initrd,
+      # units) are aarch64 builds no binary cache has, so they still need aarch64 builds once
+      # (nixosModules.binfmt, a remote builder, or crossFrom).
       imageOn =
         buildPkgs: nixos:
         import ./nixos-module/image.nix {
@@ -74,7 +77,8 @@
           # emulation (nixqimg's binfmt) for a native config, the build machine for a cross one.
           # Works from any machine that can build the target's derivations.
           qcow = nixos.config.system.build.qcow;
-          # Assembled natively by `buildSystem`'s nixqimg: what `packages.<build>.qcow-<target>` is.
+          # Assembled natively by `buildSystem`'s nixqimg: what `packages.<build>.qcow-<target>` is
+          # (the closure's own target builds still come from wherever the target builds: above).
           qcowOn = buildSystem: imageOn (pkgsFor buildSystem) nixos;
         };
     in
