@@ -150,6 +150,20 @@
               qemu-img create -q -f qcow2 $out/nixos.qcow2 1G
             '';
           };
+          # `nixos-rebuild build-image --image-variant nixqimg --flake .#<system>` builds
+          # config.system.build.images.nixqimg (nixos/modules/image/images.nix): the same
+          # derivation as config.system.build.qcow, with the disk where passthru.filePath says.
+          build-image-variant =
+            let
+              inherit (self.nixosConfigurations.${system}.config.system.build) images qcow;
+              variant = images.nixqimg;
+            in
+            assert variant.drvPath == qcow.drvPath;
+            assert variant.passthru.filePath == "nixos.qcow2";
+            pkgs.runCommand "nixqimg-build-image-variant" { nativeBuildInputs = [ pkgs.qemu-utils ]; } ''
+              qemu-img info ${variant}/${variant.passthru.filePath} | grep -q '^file format: qcow2$'
+              touch $out
+            '';
           binfmt = import ./nixos-module/tests/binfmt.nix {
             inherit pkgs;
             binfmtModule = self.nixosModules.binfmt;

@@ -304,6 +304,21 @@ in
       ''
     );
 
+    # nixos/modules/image/images.nix (NixOS 25.05+): `nixos-rebuild build-image --image-variant
+    # nixqimg` builds config.system.build.images.nixqimg, this configuration extended with the
+    # module below, whose system.build.image is that configuration's own qcow: the same derivation
+    # as config.system.build.qcow, since the module changes nothing the system is built from.
+    # image.filePath (nixos/modules/image/file-options.nix: baseName.extension) is where the disk is
+    # in the output, as image.nix writes it.
+    image.modules.nixqimg =
+      { config, modulesPath, ... }:
+      {
+        imports = [ (modulesPath + "/image/file-options.nix") ];
+        system.build.image = config.system.build.qcow;
+        image.baseName = "nixos";
+        image.extension = config.nixqimg.cloudImage.format;
+      };
+
     system.build = {
       # The disk image of this system, assembled by nixqimg on the system's build platform (see
       # image.nix; the flake's packages.<build>.qcow-<target> assembles it on the build machine).
