@@ -26,7 +26,10 @@
         };
 
       # The image of `nixos` assembled by `buildPkgs`' own nixqimg: on an x86_64 machine making an
-      # aarch64 image nothing runs under emulation, the disk is only bytes (see nixos-module/image.nix).
+      # aarch64 image the assembly runs natively, the disk is only bytes (see nixos-module/image.nix).
+      # The closure it packs is not: the toplevel's own derivations (etc, system-path, the initrd,
+      # units) are aarch64 builds no binary cache has, so they still need aarch64 builds once
+      # (nixosModules.binfmt, a remote builder, or crossFrom).
       imageOn =
         buildPkgs: nixos:
         import ./nixos-module/image.nix {
@@ -34,10 +37,22 @@
           inherit (nixos) config;
         };
 
+      # The channel the images follow inside the machine: the branch this flake's nixpkgs input is
+      # declared with, checked against the release that was locked (cloud-lib.nix).
+      inputChannel = cloudLib.flakeInputChannel {
+        url = (import ./flake.nix).inputs.nixpkgs.url;
+        inherit (lib.trivial) release;
+      };
+      cloudLib = import ./nixos-module/cloud-lib.nix;
+
       mkCloudImage =
         {
           # The system the image runs on: "x86_64-linux" or "aarch64-linux".
           system,
+          # The channel `nixos-rebuild --upgrade` follows in the machine ("nixos-26.05",
+          # "nixos-unstable" or a URL). Default: this flake's nixpkgs input's branch; give it when
+          # nixqimg's nixpkgs follows another input.
+          channel ? null,
           # Your own NixOS modules, on top of nixosModules.cloud-image.
           modules ? [ ],
           # Set to the build machine's system to cross-compile the whole system (`crossSystem`)
@@ -51,6 +66,7 @@
             modules = [
               self.nixosModules.cloud-image
               { nixpkgs.hostPlatform = system; }
+              { nixqimg.cloudImage.channel = lib.mkDefault (if channel != null then channel else inputChannel); }
               (lib.optionalAttrs (crossFrom != null) { nixpkgs.buildPlatform = crossFrom; })
             ] ++ modules;
           };
@@ -61,7 +77,8 @@
           # emulation (nixqimg's binfmt) for a native config, the build machine for a cross one.
           # Works from any machine that can build the target's derivations.
           qcow = nixos.config.system.build.qcow;
-          # Assembled natively by `buildSystem`'s nixqimg: what `packages.<build>.qcow-<target>` is.
+          # Assembled natively by `buildSystem`'s nixqimg: what `packages.<build>.qcow-<target>` is
+          # (the closure's own target builds still come from wherever the target builds: above).
           qcowOn = buildSystem: imageOn (pkgsFor buildSystem) nixos;
         };
     in
@@ -123,6 +140,30 @@
             inherit pkgs;
             image = self.packages.${system}."qcow-${system}";
           };
+          # The same script on a disk with nothing on it: the boot must fail, and the failure must
+          # end the check (QEMU released) instead of hanging it.
+          qcow-boot-failure = import ./nixos-module/tests/qcow-boot.nix {
+            inherit pkgs;
+            expectFailure = true;
+            image = pkgs.runCommand "nixqimg-empty-disk" { nativeBuildInputs = [ pkgs.qemu-utils ]; } ''
+              mkdir $out
+              qemu-img create -q -f qcow2 $out/nixos.qcow2 1G
+            '';
+          };
+          # `nixos-rebuild build-image --image-variant nixqimg --flake .#<system>` builds
+          # config.system.build.images.nixqimg (nixos/modules/image/images.nix): the same
+          # derivation as config.system.build.qcow, with the disk where passthru.filePath says.
+          build-image-variant =
+            let
+              inherit (self.nixosConfigurations.${system}.config.system.build) images qcow;
+              variant = images.nixqimg;
+            in
+            assert variant.drvPath == qcow.drvPath;
+            assert variant.passthru.filePath == "nixos.qcow2";
+            pkgs.runCommand "nixqimg-build-image-variant" { nativeBuildInputs = [ pkgs.qemu-utils ]; } ''
+              qemu-img info ${variant}/${variant.passthru.filePath} | grep -q '^file format: qcow2$'
+              touch $out
+            '';
           binfmt = import ./nixos-module/tests/binfmt.nix {
             inherit pkgs;
             binfmtModule = self.nixosModules.binfmt;

@@ -4,6 +4,7 @@
 # table (`nixqimg nix-config --module-table`); a Rust test keeps the file current.
 {
   config,
+  options,
   lib,
   pkgs,
   ...
@@ -11,13 +12,10 @@
 let
   inherit (lib) mkOption types;
   cfg = config.nixqimg.binfmt;
-  table = lib.importJSON ./binfmt-table.json;
-  bySystem = lib.listToAttrs (
-    map (e: {
-      name = e.system;
-      value = e;
-    }) table.systems
-  );
+  # The decisions (take-over magic, which wrapper calls the overlay answers, whether pkgs may take
+  # an overlay) live in binfmt-lib.nix, plain Nix that tests/nix_files.rs evaluates.
+  binfmtLib = import ./binfmt-lib.nix;
+  inherit (binfmtLib) bySystem;
   hostSystem = pkgs.stdenv.hostPlatform.system;
 
   nixqimg = cfg.package;
@@ -47,23 +45,21 @@ let
       mask = bySystem.${system}.mask;
     };
   };
-  # nixpkgs' entries keep their magic; only who serves them changes. Plain assignments beat the
-  # mkDefault values nixpkgs gives (its wrapQemuBinfmtP wrapper, or the bare static qemu when
-  # preferStaticEmulators is set, in which case the overlay alone would never be consulted).
+  # nixpkgs' entries keep their names; who serves them and what they match change. Plain
+  # assignments beat the mkDefault values nixpkgs gives the interpreter and flags (its
+  # wrapQemuBinfmtP wrapper, or the bare static qemu when preferStaticEmulators is set, in which
+  # case the overlay alone would never be consulted). nixpkgs merges its magic and mask in as plain
+  # definitions (nixos/modules/system/boot/binfmt.nix), so nixqimg's own ones need mkForce; its
+  # i686-linux magic matches no real i686 program (binfmt-lib.nix, takeOverMatch).
   takeOver = system: {
     name = system;
-    value = common;
+    value = common // lib.mapAttrs (_: lib.mkForce) (binfmtLib.takeOverMatch system);
   };
 
-  # For machines that keep nixpkgs' module: its P wrapper becomes nixqimg itself.
-  overlay = final: prev: {
-    wrapQemuBinfmtP =
-      name: emulator:
-      final.runCommand name { } ''
-        mkdir -p $out/bin
-        ln -s ${interpreter} $out/bin/${name}
-      '';
-  };
+  # For machines that keep nixpkgs' module: its P wrapper becomes nixqimg itself, for the qemus in
+  # nixqimg's table only.
+  overlay = binfmtLib.wrapQemuBinfmtPOverlay interpreter;
+  pkgsWritable = binfmtLib.pkgsAreWritable options;
 in
 {
   options.nixqimg.binfmt = {
@@ -112,8 +108,11 @@ in
       type = types.bool;
       default = false;
       description = ''
-        Add an overlay that makes pkgs.wrapQemuBinfmtP return nixqimg, for configurations that use
-        that function elsewhere.
+        Add an overlay that makes pkgs.wrapQemuBinfmtP return nixqimg for the qemus in nixqimg's
+        table (other systems keep nixpkgs' wrapper), for configurations that use that function
+        elsewhere. Has no effect, with a warning, when this configuration's pkgs are read-only
+        (`nixpkgs.pkgs` given, as in runNixOSTest nodes): apply the overlay where those pkgs are
+        made instead.
       '';
     };
 
@@ -121,12 +120,19 @@ in
       type = types.package;
       default = pkgs.callPackage ./package.nix { inherit (cfg) strategy; };
       defaultText = lib.literalExpression "pkgs.callPackage ./package.nix { inherit (cfg) strategy; }";
-      description = "The static nixqimg, with its static qemu-user fixed at build time.";
+      description = ''
+        The static nixqimg, with its static qemu-user fixed at build time (on aarch64 build machines
+        nixpkgs' pkgsStatic.qemu-user with the upstream fixes it needs, see binfmt-lib.nix).
+      '';
     };
   };
 
   config = lib.mkIf cfg.enable {
     assertions = [
+      {
+        assertion = (nixqimg.qemu or null) != null;
+        message = "nixqimg.binfmt.package has no qemu-user built in (staticQemu = null makes the image-only build); the interpreter needs one.";
+      }
       {
         assertion = !(lib.elem hostSystem served);
         message = "nixqimg.binfmt.emulatedSystems must not hold the machine's own system ${hostSystem}.";
@@ -135,7 +141,13 @@ in
 
     boot.binfmt.registrations = lib.listToAttrs (map ownRegistration own ++ map takeOver takenOver);
 
-    nixpkgs.overlays = lib.mkIf cfg.overlay [ overlay ];
+    nixpkgs.overlays = lib.mkIf (cfg.overlay && pkgsWritable) [ overlay ];
+    warnings = lib.optional (cfg.overlay && !pkgsWritable) (
+      "nixqimg.binfmt.overlay has no effect: this configuration's pkgs are read-only (nixpkgs.pkgs "
+      + "is set, e.g. a runNixOSTest node), so nixpkgs.overlays cannot be extended. The registrations "
+      + "are served by nixqimg anyway (takeOverEmulatedSystems); for pkgs.wrapQemuBinfmtP itself, "
+      + "apply the overlay where those pkgs are made."
+    );
 
     # What `nixqimg nix-config` prints, in store paths: the interpreter and the qemu it execs
     # (a package directory each, never a directory and a path inside it). /run/binfmt holds the

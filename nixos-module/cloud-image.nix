@@ -48,9 +48,10 @@ let
       bios = cfg.bios.enable;
       inherit (config.boot.loader.systemd-boot) configurationLimit;
       inherit (config.system) stateVersion;
-      inherit (cfg) channel;
+      channel = channelUrl;
     }
   );
+  channelUrl = cloudLib.channelUrl cfg.channel;
 in
 {
   imports = [
@@ -101,10 +102,16 @@ in
     };
 
     channel = lib.mkOption {
-      type = lib.types.str;
-      default = cloudLib.channelUrl { inherit (config.system.nixos) release versionSuffix; };
-      defaultText = lib.literalExpression "the channel of the release the image was built from";
-      description = "The channel `nixos-rebuild --upgrade` follows inside the machine (root's `nixos`).";
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "nixos-26.05";
+      description = ''
+        The channel `nixos-rebuild --upgrade` follows inside the machine (root's `nixos`): a channel
+        name (`nixos-26.05`, `nixos-unstable`) or a URL. It cannot be told from the nixpkgs the
+        image is built from (a flake's version suffix is `.YYYYMMDD.rev` for a release and for
+        unstable alike), so it is set explicitly; the flake's `mkCloudImage` sets it from its
+        nixpkgs input's branch. Needed when writeConfiguration is on.
+      '';
     };
 
     writeConfiguration = lib.mkOption {
@@ -125,6 +132,10 @@ in
         message = "nixqimg.cloudImage.bios.enable: legacy BIOS exists only on x86; ${system} boots UEFI only.";
       }
       {
+        assertion = cfg.writeConfiguration -> cfg.channel != null;
+        message = "nixqimg.cloudImage.channel: say which channel this image follows (e.g. \"nixos-26.05\" or \"nixos-unstable\"); it cannot be told from the nixpkgs it is built from. nixqimg.lib.mkCloudImage sets it from the flake's nixpkgs input.";
+      }
+      {
         assertion = config.boot.loader.systemd-boot.configurationLimit != null;
         message = "boot.loader.systemd-boot.configurationLimit: the cloud image sizes its ESP for a number of generations; set a number, not null.";
       }
@@ -136,9 +147,10 @@ in
     boot.loader.systemd-boot.enable = true;
     boot.loader.systemd-boot.editor = lib.mkDefault false;
     boot.loader.systemd-boot.configurationLimit = lib.mkDefault 5;
-    boot.loader.systemd-boot.extraInstallCommands = lib.mkIf cfg.bios.enable ''
-      ${biosSync}
-    '';
+    # First of the extra commands, so it sees systemd-boot's own exit status (cloud-lib.nix).
+    boot.loader.systemd-boot.extraInstallCommands = lib.mkIf cfg.bios.enable (
+      lib.mkOrder 0 (cloudLib.installCommands { inherit biosSync; })
+    );
     boot.loader.timeout = lib.mkDefault 0;
     boot.loader.efi.canTouchEfiVariables = false;
     boot.loader.efi.efiSysMountPoint = "/boot";
@@ -270,6 +282,11 @@ in
     nixpkgs.flake.setNixPath = false;
 
     system.stateVersion = lib.mkDefault config.system.nixos.release;
+    # nixos/modules/config/nix-channel.nix (commit 025640dcb7270faa6fe80089fda831b89f3824a9) writes
+    # /root/.nix-channels from this (a tmpfiles `f` rule, only when the file is missing); make it
+    # agree with the image's channel. Above mkDefault (another module's mkDefault would conflict),
+    # below a plain definition of yours.
+    system.defaultChannel = lib.mkIf (cfg.channel != null) (lib.mkOverride 900 channelUrl);
 
     # The image assembly (nixqimg image) finds the BIOS loader's files in the closure.
     system.extraDependencies = lib.optional cfg.bios.enable pkgs.syslinux;
@@ -282,10 +299,25 @@ in
           cp --no-preserve=mode ${configurationNix} /etc/nixos/configuration.nix
         fi
         if [ ! -e /root/.nix-channels ]; then
-          echo ${lib.escapeShellArg "${cfg.channel} nixos"} > /root/.nix-channels
+          echo ${lib.escapeShellArg "${channelUrl} nixos"} > /root/.nix-channels
         fi
       ''
     );
+
+    # nixos/modules/image/images.nix (NixOS 25.05+): `nixos-rebuild build-image --image-variant
+    # nixqimg` builds config.system.build.images.nixqimg, this configuration extended with the
+    # module below, whose system.build.image is that configuration's own qcow: the same derivation
+    # as config.system.build.qcow, since the module changes nothing the system is built from.
+    # image.filePath (nixos/modules/image/file-options.nix: baseName.extension) is where the disk is
+    # in the output, as image.nix writes it.
+    image.modules.nixqimg =
+      { config, modulesPath, ... }:
+      {
+        imports = [ (modulesPath + "/image/file-options.nix") ];
+        system.build.image = config.system.build.qcow;
+        image.baseName = "nixos";
+        image.extension = config.nixqimg.cloudImage.format;
+      };
 
     system.build = {
       # The disk image of this system, assembled by nixqimg on the system's build platform (see

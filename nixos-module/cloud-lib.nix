@@ -37,14 +37,42 @@ rec {
     else
       rounded;
 
-  # The channel that `nixos-rebuild boot --upgrade` follows in the image: the release the image was
-  # built from, or unstable for a pre-release nixpkgs.
+  # The channel that `nixos-rebuild boot --upgrade` follows in the image, as a URL, from a channel
+  # name (nixos-26.05, nixos-26.05-small, nixos-unstable, ...) or a URL given as is. It is never
+  # guessed from the nixpkgs the image was built from: a flake sets system.nixos.versionSuffix to
+  # `.YYYYMMDD.shortRev` for a release branch and for unstable alike, and unstable's release number
+  # (lib/.version) is the next release, whose channel does not exist yet.
   channelUrl =
-    { release, versionSuffix }:
-    if builtins.match ".*pre.*" versionSuffix != null then
-      "https://nixos.org/channels/nixos-unstable"
+    channel:
+    if !(builtins.isString channel) then
+      throw "nixqimg cloud image: the channel must be a name such as \"nixos-26.05\" or a URL, not ${builtins.toJSON channel}"
+    else if builtins.match "https?://.+" channel != null then
+      channel
+    else if builtins.match "nixos-[0-9][0-9][.][0-9][0-9](-small)?|nixos-unstable(-small)?|nixpkgs-unstable" channel != null then
+      "https://nixos.org/channels/${channel}"
     else
-      "https://nixos.org/channels/nixos-${release}";
+      throw "nixqimg cloud image: \"${channel}\" is not a channel name (nixos-26.05, nixos-unstable, ...) nor a URL";
+
+  # The channel a flake's nixpkgs input follows, from its URL as flake.nix declares it
+  # (github:NixOS/nixpkgs/<branch>, or ?ref=<branch>), checked against the release of the nixpkgs
+  # that was really locked (its lib.trivial.release): a release branch must be that release, so an
+  # input redirected elsewhere (`follows` another nixpkgs, --override-input) is caught, not guessed.
+  flakeInputChannel =
+    { url, release }:
+    let
+      m = builtins.match "(github|gitlab):[Nn]ix[Oo][Ss]/nixpkgs(/|[?]ref=)([^/?&]+).*" url;
+      branch = if m == null then null else builtins.elemAt m 2;
+      stable = if branch == null then null else builtins.match "nixos-([0-9][0-9][.][0-9][0-9])(-small)?" branch;
+      ask = "pass `channel` to mkCloudImage (or set nixqimg.cloudImage.channel)";
+    in
+    if branch == null then
+      throw "nixqimg cloud image: the nixpkgs input ${url} names no branch, so the image's channel is unknown: ${ask}"
+    else if stable != null && builtins.head stable != release then
+      throw "nixqimg cloud image: the nixpkgs input is declared as ${branch} but the locked nixpkgs is release ${release} (an input that follows another nixpkgs?): ${ask}"
+    else if stable != null || builtins.match "nixos-unstable(-small)?|nixpkgs-unstable" branch != null then
+      branch
+    else
+      throw "nixqimg cloud image: the nixpkgs input's branch ${branch} is not a NixOS channel: ${ask}";
 
   # The command boot.loader.systemd-boot.extraInstallCommands runs after every generation change:
   # bios-sync.sh takes the ESP's mount point as its one argument (tests/nix_files.rs runs exactly
@@ -60,6 +88,25 @@ rec {
       script
       esp
     ];
+
+  # What the cloud image adds to boot.loader.systemd-boot.extraInstallCommands. nixpkgs'
+  # systemd-boot.nix writes install-systemd-boot.sh as `#!runtimeShell`, then
+  # `systemd-boot "$@"`, then the extra commands, with no `set -e` (read at commit
+  # 01e499cec163a442f5edeffa7e618171002cc01e): the script's exit status is that of the last extra
+  # command, so a failed systemd-boot install (a full ESP) followed by a good BIOS sync reported
+  # success without the new generation. These lines go first (mkOrder 0) so `$?` is still
+  # systemd-boot's; a failure of either step ends the script with that step's status.
+  # tests/nix_files.rs runs them under bash behind a failing and a succeeding first step.
+  installCommands =
+    { biosSync }:
+    ''
+      nixqimg_systemd_boot_status=$?
+      if [ "$nixqimg_systemd_boot_status" -ne 0 ]; then
+        echo "nixqimg: the systemd-boot install failed (exit $nixqimg_systemd_boot_status); the BIOS menu was left as it was" >&2
+        exit "$nixqimg_systemd_boot_status"
+      fi
+      ${biosSync} || exit $?
+    '';
 
   # BIOS boot only exists where the firmware can do it: x86.
   biosDefault = system: system == "x86_64-linux";
@@ -124,6 +171,7 @@ rec {
       { ... }:
       {
         imports = [ ./nixqimg/cloud-image.nix ];
+        nixqimg.cloudImage.channel = ${builtins.toJSON channel};
         nixqimg.cloudImage.bios.enable = ${if bios then "true" else "false"};
         boot.loader.systemd-boot.configurationLimit = ${builtins.toJSON configurationLimit};
         # root's channel was installed on first boot; later generations need not carry nixpkgs.

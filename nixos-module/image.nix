@@ -1,12 +1,19 @@
 # The disk image of a NixOS system, assembled by `nixqimg image` from the system's closure: no VM, no
-# KVM, no emulation. `pkgs` is whoever runs the assembly: the build machine's packages make an aarch64
-# image on x86_64 (and back) natively, since a disk is only bytes (partitions, FAT, ext4, the store).
+# KVM, no emulation in the assembly itself. `pkgs` is whoever runs the assembly: the build machine's
+# packages make an aarch64 image on x86_64 (and back) natively, since a disk is only bytes
+# (partitions, FAT, ext4, the store). The closure is another matter: the toplevel's own derivations
+# (etc, system-path, the initrd, units) are builds for the image's system that no binary cache
+# holds, so a foreign image still needs that system's builds once (nixqimg's binfmt, a remote
+# builder, or crossFrom); only their outputs are read here.
 # The result is a directory holding `nixos.qcow2` (or `nixos.raw`), as `result/nixos.qcow2`.
 {
   pkgs,
   # The evaluated NixOS configuration (nixosSystem's `config`), with nixqimg.cloudImage options.
   config,
-  nixqimg ? pkgs.nixqimg or (pkgs.callPackage ./package.nix { }),
+  # nixqimg without a qemu-user: the assembly runs nothing foreign, and the static qemu-user does
+  # not build on every build machine (binfmt-lib.nix, staticQemuFixes). Its only qemu is qemu-img
+  # (qemu-utils, cloud-lib.nix's imageTools), for the qcow2 conversion.
+  nixqimg ? pkgs.callPackage ./package.nix { staticQemu = null; },
 }:
 let
   cloudLib = import ./cloud-lib.nix;

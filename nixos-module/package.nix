@@ -1,11 +1,14 @@
 # nixqimg, fully static, with the static qemu-user it execs fixed at build time (NIXQIMG_QEMU_DIR,
 # read by src/interp/config.rs): inside a Nix sandbox the environment is empty, so the path must be built in.
+# With `staticQemu = null` it has none (what `nixqimg image` needs: it runs no foreign code).
 {
   lib,
   pkgsStatic,
-  # A static qemu-user (its bin/ holds qemu-<arch>); not named qemu-user so callPackage cannot
-  # fill in the dynamic one, whose libraries a sandbox would not see.
-  staticQemu ? pkgsStatic.qemu-user,
+  # A static qemu-user (its bin/ holds qemu-<arch>), or null for none; not named qemu-user so
+  # callPackage cannot fill in the dynamic one, whose libraries a sandbox would not see. The
+  # default is nixpkgs' pkgsStatic.qemu-user with the upstream fixes an aarch64 build machine
+  # needs to build and run it (binfmt-lib.nix, staticQemuFor); x86_64 gets it unchanged.
+  staticQemu ? (import ./binfmt-lib.nix).staticQemuFor pkgsStatic,
   # Written to nixqimg.conf beside the binary when not "auto" (auto, direct or loader-first).
   strategy ? "auto",
 }:
@@ -27,7 +30,7 @@ pkgsStatic.rustPlatform.buildRustPackage {
     ];
   };
   cargoLock.lockFile = ../Cargo.lock;
-  env.NIXQIMG_QEMU_DIR = "${staticQemu}/bin";
+  env = lib.optionalAttrs (staticQemu != null) { NIXQIMG_QEMU_DIR = "${staticQemu}/bin"; };
   # The tests need qemu-user, Nix, user namespaces and firmware: they run in the repository's CI.
   doCheck = false;
   postInstall = lib.optionalString (strategy != "auto") ''

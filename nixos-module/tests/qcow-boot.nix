@@ -8,12 +8,19 @@
 #
 # With `guestPkgs` of the other architecture (the flake's legacyPackages.<build>.tests) it boots the
 # foreign image the build machine assembled, under full emulation (TCG): the cross-architecture case.
+#
+# With `expectFailure` (the flake check `qcow-boot-failure`) the image is a disk with nothing on it:
+# the boot must fail within `consoleTimeout`, and the check passes only if that failure ended the
+# machine (QEMU gone, its serial reader finished) instead of leaving the check hanging.
 {
   pkgs,
   # A derivation whose output holds nixos.qcow2 (image.nix).
   image,
   # nixpkgs of the image's system; its firmware (data, from the binary cache) boots the image.
   guestPkgs ? pkgs,
+  expectFailure ? false,
+  # Seconds to wait for cloud-init's last line on the console.
+  consoleTimeout ? if expectFailure then 120 else 1800,
 }:
 let
   inherit (pkgs) lib;
@@ -67,8 +74,10 @@ let
   ];
 in
 pkgs.testers.runNixOSTest {
-  name = "nixqimg-qcow-boot-${guest.system}";
+  name = "nixqimg-qcow-boot-${lib.optionalString expectFailure "failure-"}${guest.system}";
   nodes = { };
+  # nixos/lib/testing/driver.nix: beyond it the driver releases the machines it tracks and stops.
+  globalTimeout = if expectFailure then 600 else 60 * 60;
   # create_machine is typed as returning BaseMachine, which lacks the console methods of the
   # QemuMachine it returns: mypy would reject what runs fine.
   skipTypeCheck = true;
@@ -91,6 +100,13 @@ pkgs.testers.runNixOSTest {
 
     tmp = os.environ.get("TMPDIR", "/tmp")
 
+    started = []
+    # The list the driver releases on cleanup and on its global timeout: machines_qemu in drivers
+    # with containers, the plain machines list before them.
+    tracked = getattr(driver, "machines_qemu", None)
+    if tracked is None:
+        tracked = driver.machines
+
     def boot(name, firmware_flags, port):
         # An 8 GiB disk over the (smaller) image, as a cloud provider gives one: the root must grow.
         disk = os.path.join(tmp, f"{name}.qcow2")
@@ -100,9 +116,22 @@ pkgs.testers.runNixOSTest {
             f"${qemu} {firmware_flags} ${drives}".replace("@PORT@", str(port)).replace("@DISK@", disk),
             name=name,
         )
+        started.append(vm)
+        # The driver does not track what create_machine returns (nixos/lib/test-driver/src/
+        # test_driver/driver.py): neither its cleanup nor its global timeout would release it, and
+        # QEMU's serial reader is not a daemon thread, so a failure before crash() left QEMU
+        # running and the check hung instead of failing. Tracked, and released on every way out.
+        tracked.append(vm)
+        try:
+            run_checks(vm, port)
+        finally:
+            vm.release()
+            tracked.remove(vm)
+
+    def run_checks(vm, port):
         vm.start()
         # cloud-init's final stage prints this line on the console when every stage has run.
-        vm.wait_for_console_text("Cloud-init v. .* finished", timeout=1800)
+        vm.wait_for_console_text("Cloud-init v. .* finished", timeout=${toString consoleTimeout})
         retry(lambda last: ssh(port, "true").returncode == 0, timeout_seconds=300)
         status = ssh(port, "cloud-init status --wait --long")
         print(status.stdout, status.stderr)
@@ -121,14 +150,27 @@ pkgs.testers.runNixOSTest {
     vars_file = os.path.join(tmp, "vars.fd")
     shutil.copy("${guestPkgs.OVMF.fd.variables}", vars_file)
     os.chmod(vars_file, 0o600)
+    uefi = ("-drive if=pflash,format=raw,unit=0,readonly=on,file=${guestPkgs.OVMF.fd.firmware} "
+            f"-drive if=pflash,format=raw,unit=1,file={vars_file}")
+  '' + (if expectFailure then ''
+    with subtest("a disk that cannot boot fails the check, and the failure ends the machine"):
+        try:
+            boot("uefi", uefi, 2222)
+        except Exception as e:
+            print(f"the boot failed, as it must: {e!r}")
+        else:
+            raise Exception("an empty disk reached cloud-init: this check tests nothing")
+        (vm,) = started
+        # Raises TimeoutExpired if QEMU outlived the failure (what used to hang the check).
+        vm.process.wait(timeout=30)
+        t.assertFalse(vm.serial_thread.is_alive(), "the serial reader outlived QEMU")
+        t.assertNotIn(vm, tracked)
+  '' else ''
     with subtest("UEFI boot, cloud-init, ssh with the seeded key"):
-        boot("uefi",
-             "-drive if=pflash,format=raw,unit=0,readonly=on,file=${guestPkgs.OVMF.fd.firmware} "
-             f"-drive if=pflash,format=raw,unit=1,file={vars_file}",
-             2222)
+        boot("uefi", uefi, 2222)
     ${lib.optionalString isX86 ''
       with subtest("legacy BIOS boot of the same image"):
           boot("bios", "", 2223)
     ''}
-  '';
+  '');
 }
