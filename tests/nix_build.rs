@@ -6,6 +6,14 @@
 
 mod nix_support;
 
+each_nix!(
+    bootstrap_chain_with_forced_rpath_fails_without_an_entry_and_builds_through_nixqimg,
+    bootstrap_chain_without_rpath_fails_under_plain_qemu_and_builds_through_nixqimg,
+    flake_without_inputs_fails_without_an_entry_and_builds_through_nixqimg,
+    build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system,
+    build_refuses_what_cannot_work_with_one_line_fixes,
+);
+
 use nix_support::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -59,10 +67,9 @@ fn check_stage2(out: &std::process::Output) -> PathBuf {
     p
 }
 
-#[test]
-fn bootstrap_chain_with_forced_rpath_fails_without_an_entry_and_builds_through_nixqimg() {
+fn bootstrap_chain_with_forced_rpath_fails_without_an_entry_and_builds_through_nixqimg(which: Nix) {
     let inputs = inputs();
-    let store = Store::new("chain-rpath");
+    let store = Store::new("chain-rpath", which);
     let args = chain_args(inputs, "stage2", true);
 
     let without = nix(&store, Via::Nothing, &strs(&args));
@@ -92,10 +99,9 @@ fn bootstrap_chain_with_forced_rpath_fails_without_an_entry_and_builds_through_n
 
 /// Without RPATH the libraries lie only beside the relocated loader: a plain qemu entry runs the
 /// loader, which never looks there.
-#[test]
-fn bootstrap_chain_without_rpath_fails_under_plain_qemu_and_builds_through_nixqimg() {
+fn bootstrap_chain_without_rpath_fails_under_plain_qemu_and_builds_through_nixqimg(which: Nix) {
     let inputs = inputs();
-    let store = Store::new("chain-norpath");
+    let store = Store::new("chain-norpath", which);
     let args = chain_args(inputs, "stage2", false);
 
     let plain = nix(&store, Via::PlainQemu, &strs(&args));
@@ -133,9 +139,8 @@ fn flake_dir(name: &str) -> TempDir {
     TempDir(dir)
 }
 
-#[test]
-fn flake_without_inputs_fails_without_an_entry_and_builds_through_nixqimg() {
-    let store = Store::new("flake");
+fn flake_without_inputs_fails_without_an_entry_and_builds_through_nixqimg(which: Nix) {
+    let store = Store::new("flake", which);
     let guard = flake_dir("chain");
     let dir = &guard.0;
     let installable = format!("path:{}#packages.aarch64-linux.stage2", dir.display());
@@ -153,11 +158,10 @@ fn flake_without_inputs_fails_without_an_entry_and_builds_through_nixqimg() {
     assert_eq!(std::fs::read_to_string(out.join("data")).unwrap(), expected_data());
 }
 
-#[test]
-fn build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system() {
+fn build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system(which: Nix) {
     need("debugfs", "e2fsprogs");
     need("sha256sum", "coreutils");
-    let store = Store::new("build");
+    let store = Store::new("build", which);
     let guard = flake_dir("image");
     let dir = &guard.0;
     let out = dir.join("out");
@@ -240,8 +244,7 @@ fn build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system() {
     );
 }
 
-#[test]
-fn build_refuses_what_cannot_work_with_one_line_fixes() {
+fn build_refuses_what_cannot_work_with_one_line_fixes(which: Nix) {
     // No nix on PATH.
     let r = Command::new(NIXQIMG).args(["build", "path:/nonexistent"]).env("PATH", "/nonexistent").output().unwrap();
     assert_eq!(r.status.code(), Some(127));
@@ -250,7 +253,7 @@ fn build_refuses_what_cannot_work_with_one_line_fixes() {
         "nixqimg: nix not found in PATH (install Nix (Debian: apt install nix-bin; elsewhere https://nixos.org/download))\n"
     );
     // A daemon-based Nix does not see a private namespace: --ns is refused before anything runs.
-    let store = Store::new("daemon");
+    let store = Store::new("daemon", which);
     let r = store
         .cmd(NIXQIMG)
         .env("NIX_REMOTE", "daemon")
