@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
+pub mod remote;
+
 pub const NIXQIMG: &str = env!("CARGO_BIN_EXE_nixqimg");
 pub const QEMU: &str = "/usr/bin/qemu-aarch64-static";
 
