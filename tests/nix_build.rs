@@ -115,30 +115,6 @@ fn bootstrap_chain_without_rpath_fails_under_plain_qemu_and_builds_through_nixqi
     check_stage2(&nix(&store, Via::Nixqimg, &strs(&args)));
 }
 
-/// A directory removed when the test ends, passed or failed.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Copies the fixture flake and its inputs into a fresh directory (a flake outside git).
-fn flake_dir(name: &str) -> TempDir {
-    let inputs = inputs();
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nix-flake-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let fx = repo().join("tests/fixtures/nix");
-    for f in std::fs::read_dir(&fx).unwrap().flatten() {
-        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
-    }
-    let st = Command::new("cp").arg("-a").arg(&inputs.busybox).arg(&inputs.tools).arg(&dir).status().unwrap();
-    assert!(st.success());
-    TempDir(dir)
-}
-
 fn flake_without_inputs_fails_without_an_entry_and_builds_through_nixqimg(which: Nix) {
     let store = Store::new("flake", which);
     let guard = flake_dir("chain");

@@ -330,6 +330,30 @@ pub fn nix(store: &Store, via: Via, nix_args: &[&str]) -> Output {
     c.output().unwrap()
 }
 
+/// A directory removed when the test ends, passed or failed.
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Copies the fixture flake and its inputs into a fresh directory (a flake outside git).
+pub fn flake_dir(name: &str) -> TempDir {
+    let inputs = inputs();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nix-flake-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fx = repo().join("tests/fixtures/nix");
+    for f in std::fs::read_dir(&fx).unwrap().flatten() {
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    let st = Command::new("cp").arg("-a").arg(&inputs.busybox).arg(&inputs.tools).arg(&dir).status().unwrap();
+    assert!(st.success());
+    TempDir(dir)
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
