@@ -15,7 +15,7 @@ each_nix!(
 );
 
 use nix_support::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 /// What stage1 must have written, computed here rather than by anything emulated.
@@ -162,7 +162,7 @@ fn build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system(which:
     assert_eq!(
         text(&r.stdout),
         format!(
-            "{}\n  size   {size} bytes\n  sha256 {sum}\n  run    nixqimg run {} --arch aarch64\n",
+            "{}\n  size   {size} bytes\n  sha256 {sum}\n  built  here (emulated through nixqimg)\n  run    nixqimg run {} --arch aarch64\n",
             img.display(),
             img.display()
         )

@@ -122,7 +122,8 @@ fn build_sends_aarch64_to_the_builder_and_makes_x86_64_here(which: Nix) {
     let out = flake.0.join("out");
 
     // No --ns and no binfmt entry here: only the builder can run aarch64-linux programs.
-    let r = build(&net, &local, &builder, &flake.0, &["--system", "aarch64-linux,x86_64-linux"], &out).output().unwrap();
+    let r =
+        build(&net, &local, &builder, &flake.0, &["--system", "aarch64-linux,x86_64-linux"], &out).output().unwrap();
     let e = text(&r.stderr);
     assert!(r.status.success(), "{e}\nsshd: {}", builder.log());
     assert!(e.contains("nixqimg: aarch64-linux: on builder ssh-ng://root@127.0.0.1 (it answers)\n"), "{e}");
@@ -145,10 +146,10 @@ fn build_with_the_builder_unreachable_at_start(which: Nix) {
     let flake = image_flake(&format!("unreachable-{}", tag(which)));
     let out = flake.0.join("out");
 
-    let r = build(&net, &local, &builder, &flake.0, &["--system", "aarch64-linux", "--no-emulate"], &out)
-        .output()
-        .unwrap();
+    let r =
+        build(&net, &local, &builder, &flake.0, &["--system", "aarch64-linux", "--no-emulate"], &out).output().unwrap();
     let e = text(&r.stderr);
+    eprintln!("unreachable, --no-emulate:\n{e}");
     assert_eq!(r.status.code(), Some(1), "{e}");
     let last = e.lines().last().unwrap_or("");
     assert!(
@@ -160,14 +161,18 @@ fn build_with_the_builder_unreachable_at_start(which: Nix) {
     assert_eq!(files_in(&out), Vec::<String>::new());
 
     // Without --no-emulate it is emulated here through nixqimg (--ns: a private registration).
-    let r = build(&net, &local, &builder, &flake.0, &["--system", "aarch64-linux", "--ns", "--interpreter"], &out)
-        .arg(static_nixqimg())
-        .output()
-        .unwrap();
+    let interp = static_nixqimg().to_str().unwrap();
+    let r =
+        build(&net, &local, &builder, &flake.0, &["--system", "aarch64-linux", "--ns", "--interpreter", interp], &out)
+            .output()
+            .unwrap();
     let e = text(&r.stderr);
+    eprintln!("unreachable, emulation allowed:\n{e}");
     assert!(r.status.success(), "{e}");
     assert!(
-        e.contains("nixqimg: aarch64-linux: emulated here through nixqimg (builder ssh-ng://root@127.0.0.1 does not answer: "),
+        e.contains(
+            "nixqimg: aarch64-linux: emulated here through nixqimg (builder ssh-ng://root@127.0.0.1 does not answer: "
+        ),
         "{e}"
     );
     assert_eq!(files_in(&out), ["nixos-aarch64-linux.img"]);
@@ -199,8 +204,10 @@ fn build_with_the_builder_killed_mid_build(which: Nix) {
         let out = flake.0.join("out");
         let mut args = attr.to_vec();
         args.push("--no-emulate");
-        let r = kill_mid_build(&mut builder, build(&net, &local, &builder, &flake.0, &args, &out));
+        let cmd = build(&net, &local, &builder, &flake.0, &args, &out);
+        let r = kill_mid_build(&mut builder, cmd);
         let e = text(&r.stderr);
+        eprintln!("killed, --no-emulate:\n{e}");
         assert_eq!(r.status.code(), Some(1), "{e}");
         let last = e.lines().last().unwrap_or("");
         assert!(
@@ -218,10 +225,15 @@ fn build_with_the_builder_killed_mid_build(which: Nix) {
     let out = flake.0.join("out");
     let mut args = attr.to_vec();
     args.extend(["--ns", "--interpreter", static_nixqimg().to_str().unwrap()]);
-    let r = kill_mid_build(&mut builder, build(&net, &local, &builder, &flake.0, &args, &out));
+    let cmd = build(&net, &local, &builder, &flake.0, &args, &out);
+    let r = kill_mid_build(&mut builder, cmd);
     let e = text(&r.stderr);
+    eprintln!("killed, emulation allowed:\n{e}");
     assert!(r.status.success(), "{e}");
-    assert!(e.contains("nixqimg: aarch64-linux: lost builder ssh-ng://root@127.0.0.1 during the build (error: "), "{e}");
+    assert!(
+        e.contains("nixqimg: aarch64-linux: lost builder ssh-ng://root@127.0.0.1 during the build (error: "),
+        "{e}"
+    );
     assert!(e.contains("); emulating it here through nixqimg instead\n"), "{e}");
     assert_eq!(files_in(&out), ["nixos-aarch64-linux.img"]);
     assert_eq!(std::fs::read(out.join("nixos-aarch64-linux.img")).unwrap(), vec![0u8; 1 << 20]);

@@ -30,7 +30,7 @@ impl Net {
         let net = Net { holder };
         let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::fs::read_link(net.ns()).ok().is_none_or(|l| l == mine) {
+        while std::fs::read_link(net.ns()).map_or(true, |l| l == mine) {
             assert!(Instant::now() < deadline, "unshare --net did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
