@@ -12,6 +12,7 @@ each_nix!(
     flake_without_inputs_fails_without_an_entry_and_builds_through_nixqimg,
     build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system,
     build_refuses_what_cannot_work_with_one_line_fixes,
+    nix_config_lines_add_to_nixs_own_platforms_instead_of_replacing_them,
 );
 
 use nix_support::*;
@@ -244,9 +245,8 @@ fn build_refuses_what_cannot_work_with_one_line_fixes(which: Nix) {
     );
 }
 
-#[test]
-fn nix_config_lines_add_to_nixs_own_platforms_instead_of_replacing_them() {
-    let store = Store::new("platforms");
+fn nix_config_lines_add_to_nixs_own_platforms_instead_of_replacing_them(which: Nix) {
+    let store = Store::new("platforms", which);
     let show = |store: &Store| {
         let r = store.cmd("nix").args(["show-config", "--json"]).output().unwrap();
         assert!(r.status.success(), "{}", text(&r.stderr));
