@@ -6,8 +6,17 @@
 
 mod nix_support;
 
+each_nix!(
+    bootstrap_chain_with_forced_rpath_fails_without_an_entry_and_builds_through_nixqimg,
+    bootstrap_chain_without_rpath_fails_under_plain_qemu_and_builds_through_nixqimg,
+    flake_without_inputs_fails_without_an_entry_and_builds_through_nixqimg,
+    build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system,
+    build_refuses_what_cannot_work_with_one_line_fixes,
+    nix_config_lines_add_to_nixs_own_platforms_instead_of_replacing_them,
+);
+
 use nix_support::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 /// What stage1 must have written, computed here rather than by anything emulated.
@@ -59,10 +68,9 @@ fn check_stage2(out: &std::process::Output) -> PathBuf {
     p
 }
 
-#[test]
-fn bootstrap_chain_with_forced_rpath_fails_without_an_entry_and_builds_through_nixqimg() {
+fn bootstrap_chain_with_forced_rpath_fails_without_an_entry_and_builds_through_nixqimg(which: Nix) {
     let inputs = inputs();
-    let store = Store::new("chain-rpath");
+    let store = Store::new("chain-rpath", which);
     let args = chain_args(inputs, "stage2", true);
 
     let without = nix(&store, Via::Nothing, &strs(&args));
@@ -92,10 +100,9 @@ fn bootstrap_chain_with_forced_rpath_fails_without_an_entry_and_builds_through_n
 
 /// Without RPATH the libraries lie only beside the relocated loader: a plain qemu entry runs the
 /// loader, which never looks there.
-#[test]
-fn bootstrap_chain_without_rpath_fails_under_plain_qemu_and_builds_through_nixqimg() {
+fn bootstrap_chain_without_rpath_fails_under_plain_qemu_and_builds_through_nixqimg(which: Nix) {
     let inputs = inputs();
-    let store = Store::new("chain-norpath");
+    let store = Store::new("chain-norpath", which);
     let args = chain_args(inputs, "stage2", false);
 
     let plain = nix(&store, Via::PlainQemu, &strs(&args));
@@ -109,33 +116,8 @@ fn bootstrap_chain_without_rpath_fails_under_plain_qemu_and_builds_through_nixqi
     check_stage2(&nix(&store, Via::Nixqimg, &strs(&args)));
 }
 
-/// A directory removed when the test ends, passed or failed.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Copies the fixture flake and its inputs into a fresh directory (a flake outside git).
-fn flake_dir(name: &str) -> TempDir {
-    let inputs = inputs();
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nix-flake-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let fx = repo().join("tests/fixtures/nix");
-    for f in std::fs::read_dir(&fx).unwrap().flatten() {
-        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
-    }
-    let st = Command::new("cp").arg("-a").arg(&inputs.busybox).arg(&inputs.tools).arg(&dir).status().unwrap();
-    assert!(st.success());
-    TempDir(dir)
-}
-
-#[test]
-fn flake_without_inputs_fails_without_an_entry_and_builds_through_nixqimg() {
-    let store = Store::new("flake");
+fn flake_without_inputs_fails_without_an_entry_and_builds_through_nixqimg(which: Nix) {
+    let store = Store::new("flake", which);
     let guard = flake_dir("chain");
     let dir = &guard.0;
     let installable = format!("path:{}#packages.aarch64-linux.stage2", dir.display());
@@ -153,11 +135,10 @@ fn flake_without_inputs_fails_without_an_entry_and_builds_through_nixqimg() {
     assert_eq!(std::fs::read_to_string(out.join("data")).unwrap(), expected_data());
 }
 
-#[test]
-fn build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system() {
+fn build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system(which: Nix) {
     need("debugfs", "e2fsprogs");
     need("sha256sum", "coreutils");
-    let store = Store::new("build");
+    let store = Store::new("build", which);
     let guard = flake_dir("image");
     let dir = &guard.0;
     let out = dir.join("out");
@@ -182,7 +163,7 @@ fn build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system() {
     assert_eq!(
         text(&r.stdout),
         format!(
-            "{}\n  size   {size} bytes\n  sha256 {sum}\n  run    nixqimg run {} --arch aarch64\n",
+            "{}\n  size   {size} bytes\n  sha256 {sum}\n  built  here (emulated through nixqimg)\n  run    nixqimg run {} --arch aarch64\n",
             img.display(),
             img.display()
         )
@@ -240,8 +221,7 @@ fn build_ns_makes_the_image_with_emulated_mke2fs_and_copies_it_per_system() {
     );
 }
 
-#[test]
-fn build_refuses_what_cannot_work_with_one_line_fixes() {
+fn build_refuses_what_cannot_work_with_one_line_fixes(which: Nix) {
     // No nix on PATH.
     let r = Command::new(NIXQIMG).args(["build", "path:/nonexistent"]).env("PATH", "/nonexistent").output().unwrap();
     assert_eq!(r.status.code(), Some(127));
@@ -250,7 +230,7 @@ fn build_refuses_what_cannot_work_with_one_line_fixes() {
         "nixqimg: nix not found in PATH (install Nix (Debian: apt install nix-bin; elsewhere https://nixos.org/download))\n"
     );
     // A daemon-based Nix does not see a private namespace: --ns is refused before anything runs.
-    let store = Store::new("daemon");
+    let store = Store::new("daemon", which);
     let r = store
         .cmd(NIXQIMG)
         .env("NIX_REMOTE", "daemon")
@@ -265,9 +245,8 @@ fn build_refuses_what_cannot_work_with_one_line_fixes() {
     );
 }
 
-#[test]
-fn nix_config_lines_add_to_nixs_own_platforms_instead_of_replacing_them() {
-    let store = Store::new("platforms");
+fn nix_config_lines_add_to_nixs_own_platforms_instead_of_replacing_them(which: Nix) {
+    let store = Store::new("platforms", which);
     let show = |store: &Store| {
         let r = store.cmd("nix").args(["show-config", "--json"]).output().unwrap();
         assert!(r.status.success(), "{}", text(&r.stderr));

@@ -4,6 +4,8 @@
 
 mod nix_support;
 
+each_nix!(sandboxed_nix_build_of_an_aarch64_derivation_runs_inside_ns);
+
 use nix_support::*;
 use std::process::Command;
 
@@ -82,10 +84,9 @@ fn private_instance_holds_nixqimg_and_the_global_one_is_untouched() {
     assert!(!before.iter().any(|(n, _)| n == "nixqimg-aarch64"));
 }
 
-#[test]
-fn sandboxed_nix_build_of_an_aarch64_derivation_runs_inside_ns() {
+fn sandboxed_nix_build_of_an_aarch64_derivation_runs_inside_ns(which: Nix) {
     let inputs = inputs();
-    let store = Store::new("ns-hello");
+    let store = Store::new("ns-hello", which);
     let expr = repo().join("tests/fixtures/nix/chain.nix");
     let bb = inputs.busybox.display().to_string();
     let tools = inputs.tools.display().to_string();

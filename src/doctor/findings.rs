@@ -165,10 +165,22 @@ fn nix(h: &Host, n: &NixFact, wanted: &[&str], out: &mut Vec<Finding>) {
         sandbox_paths: n.sandbox_paths.clone(),
         store: String::new(),
         daemon: n.daemon,
+        builders: String::new(),
     };
     let needs = crate::nix::needs(&platforms, &needs_files);
     for p in crate::nix::problems(&facts, &needs) {
         out.push(finding("problem", "nix", p.what, Some(p.fix)));
+    }
+    for b in n.builders.iter().filter(|b| !b.answers) {
+        let systems = b.systems.join(", ");
+        out.push(finding(
+            "warning",
+            &b.uri,
+            format!("builder for {systems} does not answer: {}", b.error.as_deref().unwrap_or("no answer")),
+            Some(format!(
+                "start it, or fix its line in nix.conf `builders` / the machines file; until then `nixqimg build` emulates {systems} here"
+            )),
+        ));
     }
 }
 

@@ -116,6 +116,18 @@ pub struct NixFact {
     pub extra_platforms: Vec<String>,
     pub sandbox_paths: Vec<String>,
     pub daemon: bool,
+    /// The remote builders Nix will use (nix.conf `builders`, machines files), each probed.
+    pub builders: Vec<BuilderFact>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BuilderFact {
+    pub uri: String,
+    pub systems: Vec<String>,
+    pub max_jobs: u32,
+    /// It answered Nix's `store ping`/`store info` within the timeout.
+    pub answers: bool,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -480,13 +492,30 @@ fn host_facts(page_size: u64, inst: &entries::Instance, natives: &[native::Nativ
             }
         })
         .collect();
-    let nix = crate::nix::facts().map(|f| NixFact {
-        version: f.version,
-        system: f.system,
-        sandbox: f.sandbox,
-        extra_platforms: f.extra_platforms,
-        sandbox_paths: f.sandbox_paths,
-        daemon: f.daemon,
+    let nix = crate::nix::facts().map(|f| {
+        let read = |p: &Path| std::fs::read_to_string(p).ok();
+        let builders = crate::nix::builders::parse(&f.builders, &f.system, &read)
+            .into_iter()
+            .map(|m| {
+                let a = crate::nix::builders::probe(&m, &f.version, crate::nix::builders::PROBE_TIMEOUT);
+                BuilderFact {
+                    uri: m.shown().to_string(),
+                    systems: m.systems,
+                    max_jobs: m.max_jobs,
+                    answers: a.answers,
+                    error: a.error,
+                }
+            })
+            .collect();
+        NixFact {
+            version: f.version,
+            system: f.system,
+            sandbox: f.sandbox,
+            extra_platforms: f.extra_platforms,
+            sandbox_paths: f.sandbox_paths,
+            daemon: f.daemon,
+            builders,
+        }
     });
     Host {
         kernel: nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),

@@ -51,6 +51,14 @@ pub fn render(r: &Report) -> String {
                 n.extra_platforms.join(" "),
                 n.sandbox_paths.join(" ")
             );
+            for b in &n.builders {
+                let answer = if b.answers {
+                    "answers".to_string()
+                } else {
+                    format!("does not answer: {}", b.error.as_deref().unwrap_or("no answer"))
+                };
+                let _ = writeln!(o, "builder {}: {} (max-jobs {}), {answer}", b.uri, b.systems.join(","), b.max_jobs);
+            }
         }
         None => {
             let _ = writeln!(o, "nix: not found");

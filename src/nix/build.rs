@@ -19,6 +19,19 @@ pub fn default_attr(build_system: &str, system: &str, has_packages_attr: bool) -
     }
 }
 
+/// [`classify`], but a nested sandbox path (Nix emptied the inner file: the interpreter or qemu may
+/// now be an empty file) is named before binfmt_misc is blamed.
+pub fn classify_with(stderr: &str, system: &str, attr: &str, ns: bool, sandbox_paths: &[String]) -> Option<Error> {
+    let known = classify(stderr, system, attr, ns)?;
+    let blames_binfmt =
+        ["Exec format error", "executing '", "no qemu-", "cannot exec"].iter().any(|s| stderr.contains(s));
+    let nested = nested_problems(&NixFacts { sandbox_paths: sandbox_paths.to_vec(), ..NixFacts::default() });
+    match nested.into_iter().next() {
+        Some(p) if blames_binfmt => Some(Error::new(p.what).hint(p.fix)),
+        _ => Some(known),
+    }
+}
+
 /// Turns what `nix build` printed into one line with its fix, for the failures we know.
 pub fn classify(stderr: &str, system: &str, attr: &str, ns: bool) -> Option<Error> {
     let e = |what: String, hint: &str| Some(Error::new(what).hint(hint.to_string()));
@@ -159,8 +172,194 @@ pub fn out_path(json: &str) -> Option<PathBuf> {
     Some(PathBuf::from(p))
 }
 
-pub fn run_build(a: BuildArgs) -> Result<()> {
+/// How one system was built, for the message and the `built` line.
+fn shown_route(r: &crate::nix::builders::Route) -> String {
+    use crate::nix::builders::Route;
+    match r {
+        Route::Native => "here (native)".into(),
+        Route::Builders(ms) => format!("on {}", ms.iter().map(|m| m.shown()).collect::<Vec<_>>().join(", ")),
+        Route::Emulate { .. } => "here (emulated through nixqimg)".into(),
+    }
+}
+
+/// The machines Nix will use: `--builders` if given, else nix.conf's `builders` (machines files
+/// read as Nix reads them), each probed once.
+fn builders_with_answers(
+    explicit: Option<&str>,
+    facts: &NixFacts,
+) -> Vec<(crate::nix::builders::Machine, crate::nix::builders::Answer)> {
+    let spec = explicit.unwrap_or(&facts.builders);
+    let read = |p: &Path| std::fs::read_to_string(p).ok();
+    crate::nix::builders::parse(spec, &facts.system, &read)
+        .into_iter()
+        .map(|m| {
+            let a = crate::nix::builders::probe(&m, &facts.version, crate::nix::builders::PROBE_TIMEOUT);
+            (m, a)
+        })
+        .collect()
+}
+
+/// Everything `build` decided before running Nix for one system.
+struct Job<'a> {
+    a: &'a BuildArgs,
+    system: &'static Arch,
+    attr: String,
+    facts: &'a NixFacts,
+    interp: &'a Path,
+}
+
+impl Job<'_> {
+    /// Emulation here is possible: with --ns always (a private registration), else when the host's
+    /// binfmt_misc serves the system and Nix's settings let the build reach it.
+    fn emulation_check(&self) -> Result<Needs> {
+        let needs = compute(&[self.system], self.interp)?;
+        // Before anything else: a nested sandbox path would empty a real file (with --ns, ours are
+        // added to the user's list).
+        let mut listed = self.facts.sandbox_paths.clone();
+        if self.a.ns {
+            listed.extend(needs.sandbox_paths.iter().map(|p| p.display().to_string()));
+        }
+        let nested = NixFacts { sandbox_paths: listed, ..NixFacts::default() };
+        if let Some(p) = nested_problems(&nested).into_iter().next() {
+            return Err(Error::new(p.what).hint(p.fix).code(code::FAILURE));
+        }
+        if !self.a.ns {
+            if let Some(p) = problems(self.facts, &needs).into_iter().next() {
+                return Err(Error::new(p.what).hint(p.fix));
+            }
+            let inst = crate::binfmt::entries::read(Path::new(crate::binfmt::entries::DIR));
+            if !inst.entries.iter().any(|e| e.enabled && e.serves(self.system)) {
+                return Err(Error::new(format!("no binfmt_misc entry runs {} programs", self.system.nix_system))
+                    .hint("run `nixqimg register` as root (NixOS: nixqimg.binfmt.enable), or use --ns"));
+            }
+        }
+        Ok(needs)
+    }
+
+    /// One `nix build` of the attribute the way `route` says; the output path.
+    fn nix_build(
+        &self,
+        route: &crate::nix::builders::Route,
+        needs: Option<&Needs>,
+    ) -> Result<std::result::Result<PathBuf, Ran>> {
+        use crate::nix::builders::Route;
+        let mut argv = nix_cmd();
+        argv.extend(["build".into(), "--json".into(), "--no-link".into(), "-L".into()]);
+        match route {
+            Route::Builders(ms) => {
+                let lines: Vec<&str> = ms.iter().map(|m| m.line.as_str()).collect();
+                argv.extend(["--builders".into(), lines.join(" ; ").into()]);
+            }
+            // Emulated: no builder is asked (none answered, or --emulate said not to).
+            Route::Emulate { .. } => argv.extend(["--builders".into(), "".into()]),
+            Route::Native => {}
+        }
+        let spec = match (route, needs) {
+            (Route::Emulate { .. }, Some(n)) if self.a.ns => {
+                argv.extend(n.options());
+                Some(crate::binfmt::ns::Spec {
+                    arches: vec![self.system],
+                    interpreter: self.interp.to_path_buf(),
+                    flags: "F".into(),
+                })
+            }
+            _ => None,
+        };
+        argv.push(format!("{}#{}", self.a.flake, self.attr).into());
+        let ran = run_teed(&argv, spec.as_ref())?;
+        if ran.status != 0 {
+            return Ok(Err(ran));
+        }
+        out_path(&ran.stdout)
+            .map(Ok)
+            .ok_or_else(|| Error::new(format!("nix build printed no output path: {}", ran.stdout.trim())))
+    }
+
+    fn failed(&self, ran: &Ran) -> Error {
+        let s = self.system.nix_system;
+        classify_with(&ran.stderr, s, &self.attr, self.a.ns, &self.facts.sandbox_paths)
+            .unwrap_or_else(|| {
+                Error::new(format!("nix build of {} failed (exit {})", self.attr, ran.status))
+                    .hint("see Nix's messages above")
+            })
+            .code(code::FAILURE)
+    }
+
+    /// Builds the system's attribute along `route`; a builder lost mid-build hands the build to
+    /// emulation here when that is allowed and possible, else fails in one line.
+    fn build(
+        &self,
+        route: crate::nix::builders::Route,
+        needs: Option<Needs>,
+    ) -> Result<(PathBuf, crate::nix::builders::Route)> {
+        use crate::nix::builders::{Mode, Route};
+        let s = self.system.nix_system;
+        let ran = match self.nix_build(&route, needs.as_ref())? {
+            Ok(out) => return Ok((out, route)),
+            Err(ran) => ran,
+        };
+        let (Route::Builders(ms), Some(line)) = (&route, crate::nix::builders::lost_builder(&ran.stderr)) else {
+            return Err(self.failed(&ran));
+        };
+        let who = ms.iter().map(|m| m.shown()).collect::<Vec<_>>().join(", ");
+        let lost = format!("{s}: lost builder {who} during the build ({line})");
+        if self.mode() == Mode::NoEmulate {
+            return Err(Error::new(lost)
+                .hint("build again once it answers, or let nixqimg emulate it here (drop --no-emulate)")
+                .code(code::FAILURE));
+        }
+        let needs = self
+            .emulation_check()
+            .map_err(|e| Error::new(format!("{lost}, and it cannot be emulated here: {e}")).code(code::FAILURE))?;
+        eprintln!("nixqimg: {lost}; emulating it here through nixqimg instead");
+        let route = Route::Emulate { why: lost };
+        match self.nix_build(&route, Some(&needs))? {
+            Ok(out) => Ok((out, route)),
+            Err(ran) => Err(self.failed(&ran)),
+        }
+    }
+
+    fn mode(&self) -> crate::nix::builders::Mode {
+        use crate::nix::builders::Mode;
+        match (self.a.emulate, self.a.no_emulate) {
+            (true, _) => Mode::Emulate,
+            (_, true) => Mode::NoEmulate,
+            _ => Mode::Auto,
+        }
+    }
+}
+
+/// The attribute to build for `s`: --attr with `{system}` replaced, else the flake's default.
+fn attr_for(a: &BuildArgs, s: &Arch) -> String {
+    if let Some(t) = &a.attr {
+        return t.replace("{system}", s.nix_system);
+    }
     let host = arch::host();
+    let probe = format!("{}#packages.{}", a.flake, host.nix_system);
+    let mut argv = nix_cmd();
+    argv.extend(["eval".into(), "--json".into(), probe.into(), "--apply".into()]);
+    argv.push(format!("p: p ? \"qcow-{}\"", s.nix_system).into());
+    let out = Command::new(&argv[0]).args(&argv[1..]).stdin(Stdio::null()).output();
+    let has = out.is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "true");
+    default_attr(host.nix_system, s.nix_system, has)
+}
+
+/// Copies `image` to `dest` through a temporary file beside it, renamed into place once whole:
+/// a failed or interrupted copy never leaves a half-written image under --out.
+fn copy_whole(image: &Path, dest: &Path) -> Result<()> {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dest.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    let res = std::fs::copy(image, &tmp)
+        .and_then(|_| std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644)))
+        .and_then(|()| std::fs::rename(&tmp, dest));
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(dest, e));
+    }
+    Ok(())
+}
+
+pub fn run_build(a: BuildArgs) -> Result<()> {
     let nix_found =
         std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("nix").is_file()));
     if !nix_found {
@@ -177,16 +376,12 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let natives = crate::binfmt::native::detect();
-    let foreign: Vec<&'static Arch> =
-        systems.iter().copied().filter(|s| !crate::binfmt::native::is_native(&natives, s)).collect();
-
-    // Checks first: each problem that would make the build fail, with its fix.
     let facts = facts().ok_or_else(|| {
         Error::new("nix does not run (`nix config show` and `nix show-config` failed)")
             .hint("check your Nix installation")
             .code(code::NOT_FOUND)
     })?;
-    let spec = if a.ns {
+    if a.ns {
         if facts.daemon {
             return Err(Error::new("this Nix builds through nix-daemon, which does not see a private namespace")
                 .hint("use the NixOS module (nixqimg.binfmt.enable) or `nixqimg register` instead of --ns")
@@ -195,69 +390,56 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
         if let Some(w) = &warning {
             eprintln!("nixqimg: warning: {w}");
         }
-        Some(crate::binfmt::ns::Spec { arches: foreign.clone(), interpreter: interp.clone(), flags: "F".into() })
-    } else {
-        None
-    };
-    let needs = if foreign.is_empty() { needs(&[], &[]) } else { compute(&foreign, &interp)? };
-    if !a.ns {
-        if let Some(p) = problems(&facts, &needs).into_iter().next() {
-            return Err(Error::new(p.what).hint(p.fix));
-        }
-        for s in &foreign {
-            let inst = crate::binfmt::entries::read(Path::new(crate::binfmt::entries::DIR));
-            if !inst.entries.iter().any(|e| e.enabled && e.serves(s)) {
-                return Err(Error::new(format!("no binfmt_misc entry runs {} programs", s.nix_system))
-                    .hint("run `nixqimg register` as root (NixOS: nixqimg.binfmt.enable), or use --ns"));
-            }
-        }
     }
-
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let foreign = systems.iter().any(|s| !crate::binfmt::native::is_native(&natives, s));
+    let machines =
+        if foreign && !a.emulate { builders_with_answers(a.builders.as_deref(), &facts) } else { Vec::new() };
+    // Every route first: a system that cannot be built fails before anything is.
+    let mut plan = Vec::new();
     for s in &systems {
-        let attr = match &a.attr {
-            Some(t) => t.replace("{system}", s.nix_system),
-            None => {
-                let probe = format!("{}#packages.{}", a.flake, host.nix_system);
-                let mut argv = nix_cmd();
-                argv.extend(["eval".into(), "--json".into(), probe.into(), "--apply".into()]);
-                argv.push(format!("p: p ? \"qcow-{}\"", s.nix_system).into());
-                let out = Command::new(&argv[0]).args(&argv[1..]).stdin(Stdio::null()).output();
-                let has = out.is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "true");
-                default_attr(host.nix_system, s.nix_system, has)
-            }
+        let job = Job { a: &a, system: s, attr: String::new(), facts: &facts, interp: &interp };
+        let route = if crate::binfmt::native::is_native(&natives, s) {
+            crate::nix::builders::Route::Native
+        } else {
+            crate::nix::builders::route(s.nix_system, &machines, job.mode()).map_err(|e| e.code(code::FAILURE))?
         };
-        eprintln!("nixqimg: building {}#{attr}", a.flake);
-        let mut argv = nix_cmd();
-        argv.extend(["build".into(), "--json".into(), "--no-link".into(), "-L".into()]);
-        if a.ns {
-            argv.extend(needs.options());
+        let needs = match route {
+            crate::nix::builders::Route::Emulate { .. } => Some(job.emulation_check()?),
+            _ => None,
+        };
+        plan.push((*s, route, needs));
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    for (s, route, needs) in plan {
+        match &route {
+            crate::nix::builders::Route::Emulate { why } => {
+                eprintln!("nixqimg: {}: emulated here through nixqimg ({why})", s.nix_system)
+            }
+            crate::nix::builders::Route::Builders(_) => {
+                eprintln!(
+                    "nixqimg: {}: {} (it answers)",
+                    s.nix_system,
+                    shown_route(&route).replacen("on ", "on builder ", 1)
+                )
+            }
+            crate::nix::builders::Route::Native => eprintln!("nixqimg: {}: native here", s.nix_system),
         }
-        argv.push(format!("{}#{attr}", a.flake).into());
-        let ran = run_teed(&argv, spec.as_ref())?;
-        if ran.status != 0 {
-            return Err(classify(&ran.stderr, s.nix_system, &attr, a.ns)
-                .unwrap_or_else(|| {
-                    Error::new(format!("nix build of {attr} failed (exit {})", ran.status))
-                        .hint("see Nix's messages above")
-                })
-                .code(code::FAILURE));
-        }
-        let out = out_path(&ran.stdout)
-            .ok_or_else(|| Error::new(format!("nix build printed no output path: {}", ran.stdout.trim())))?;
+        let job = Job { a: &a, system: s, attr: attr_for(&a, s), facts: &facts, interp: &interp };
+        eprintln!("nixqimg: building {}#{}", a.flake, job.attr);
+        let (out, route) = job.build(route, needs)?;
         let image = image_in(&out).ok_or_else(|| {
             Error::new(format!("{}: no image in the build result", out.display()))
                 .hint("the attribute must build a *.qcow2, *.raw or *.img file or a directory holding one")
         })?;
         let dest = a.out.join(per_system_name(&image, s.nix_system));
-        let _ = std::fs::remove_file(&dest);
-        std::fs::copy(&image, &dest).map_err(|e| Error::io(&dest, e))?;
-        // Store files are read-only; the copy is the user's to change.
-        let _ = std::fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        copy_whole(&image, &dest)?;
         let (size, sum) = sha256_file(&dest)?;
         let shown = dest.display();
-        let line =
-            format!("{shown}\n  size   {size} bytes\n  sha256 {sum}\n  run    nixqimg run {shown} --arch {}\n", s.name);
+        let line = format!(
+            "{shown}\n  size   {size} bytes\n  sha256 {sum}\n  built  {}\n  run    nixqimg run {shown} --arch {}\n",
+            shown_route(&route),
+            s.name
+        );
         write_stdout(line.as_bytes())?;
     }
     Ok(())

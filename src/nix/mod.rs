@@ -14,6 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 mod build;
+pub mod builders;
 mod settings;
 pub use build::*;
 pub use settings::*;
@@ -55,6 +56,16 @@ pub struct BuildArgs {
     /// The static nixqimg to register and expose to the sandbox (with --ns); default: this binary.
     #[arg(long)]
     pub interpreter: Option<PathBuf>,
+    /// The builders to use instead of Nix's own `builders` setting (machines lines separated by
+    /// `;` or newlines, or `@FILE`). A foreign system goes to a builder of it that answers.
+    #[arg(long)]
+    pub builders: Option<String>,
+    /// Emulate every foreign system here, asking no builder.
+    #[arg(long, conflicts_with = "no_emulate")]
+    pub emulate: bool,
+    /// Never emulate: each foreign system needs a builder that answers, else build fails.
+    #[arg(long)]
+    pub no_emulate: bool,
 }
 
 /// What nix.conf must say for builds of `systems` to run through nixqimg.
@@ -351,6 +362,41 @@ mod tests {
         let attr = "error: flake 'path:/x' does not provide attribute 'packages.x86_64-linux.packages.x.qcow'";
         assert!(c(attr, false).unwrap().starts_with("the flake has no attribute packages.x.qcow"));
         assert!(c("error: builder for '/nix/store/x.drv' failed with exit code 1", false).is_none());
+    }
+
+    #[test]
+    fn a_path_inside_another_listed_one_is_the_data_loss_problem() {
+        let l = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            nested_sandbox_paths(&l(&["/usr/local/bin", "/usr/local/bin/qemu-aarch64-static"])),
+            [("/usr/local/bin/qemu-aarch64-static".to_string(), "/usr/local/bin".to_string())]
+        );
+        // The place inside the sandbox counts (left of '='), '?' marks an optional path.
+        assert_eq!(nested_sandbox_paths(&l(&["/bin/sh=/usr/bin/bash-static", "/bin?"])).len(), 1);
+        assert!(nested_sandbox_paths(&l(&["/usr/bin2/x", "/usr/bin", "/usr/bin"])).is_empty());
+        let f = NixFacts { sandbox_paths: l(&["/q", "/q/qemu"]), ..NixFacts::default() };
+        let p = &problems(&f, &needs(&[], &[]))[0];
+        assert!(p.what.contains("Nix then empties the real /q/qemu (data loss"), "{}", p.what);
+        assert!(p.fix.starts_with("list only /q (or only /q/qemu) in extra-sandbox-paths"), "{}", p.fix);
+        // The classifier names it before it blames binfmt_misc, and only then.
+        let enoexec = "error: executing '/nix/store/x-busybox/bin/busybox': Exec format error";
+        let e = classify_with(enoexec, "aarch64-linux", "a", false, &f.sandbox_paths).unwrap().to_string();
+        assert!(e.contains("empties the real /q/qemu"), "{e}");
+        let e = classify_with(enoexec, "aarch64-linux", "a", false, &[]).unwrap().to_string();
+        assert!(e.contains("no binfmt_misc entry"), "{e}");
+        let attr = "error: flake 'path:/x' does not provide attribute 'a'";
+        assert!(classify_with(attr, "aarch64-linux", "a", false, &f.sandbox_paths)
+            .unwrap()
+            .to_string()
+            .contains("no attribute"));
+    }
+
+    #[test]
+    fn nix_versions_compare_by_number() {
+        assert!(version_at_least("2.26.3", 2, 19));
+        assert!(!version_at_least("2.8.0", 2, 19));
+        assert!(version_at_least("3.0", 2, 19));
+        assert!(!version_at_least("", 2, 19));
     }
 
     #[test]

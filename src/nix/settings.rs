@@ -16,6 +16,8 @@ pub struct NixFacts {
     pub store: String,
     /// Builds go through nix-daemon (which does not see a private namespace).
     pub daemon: bool,
+    /// Nix's `builders` setting, as it says it (machines lines or `@FILE`).
+    pub builders: String,
 }
 
 /// One problem with the fix in one line.
@@ -55,6 +57,7 @@ pub fn parse_show_config(
         sandbox_paths: list("sandbox-paths"),
         store,
         daemon,
+        builders: text("builders"),
     })
 }
 
@@ -111,9 +114,48 @@ pub fn facts() -> Option<NixFacts> {
     Some(f)
 }
 
+/// `nix --version`'s number is at least MAJOR.MINOR (an unreadable one counts as old).
+pub fn version_at_least(version: &str, major: u32, minor: u32) -> bool {
+    let mut it = version.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (major, minor)
+}
+
+/// Sandbox paths (as `sandbox-paths` lists them, `inside[=host][?]`) whose place inside the sandbox
+/// lies within another listed one: `(inner, outer)` pairs. Nix bind-mounts the directory, then
+/// mounts the inner path onto a file it creates through that bind mount: the real file outside any
+/// store is truncated (seen with Nix 2.8 and 2.26, NOTES.md).
+pub fn nested_sandbox_paths(paths: &[String]) -> Vec<(String, String)> {
+    let inside = |s: &str| s.split_once('=').map_or(s, |(i, _)| i).trim_end_matches('?').to_string();
+    let mut out = Vec::new();
+    for p in paths {
+        let inner = inside(p);
+        if let Some(outer) = paths.iter().map(|q| inside(q)).find(|o| *o != inner && Path::new(&inner).starts_with(o)) {
+            if !out.iter().any(|(i, _)| *i == inner) {
+                out.push((inner, outer));
+            }
+        }
+    }
+    out
+}
+
+/// The data-loss problem for each nested sandbox path.
+pub fn nested_problems(f: &NixFacts) -> Vec<Problem> {
+    nested_sandbox_paths(&f.sandbox_paths)
+        .into_iter()
+        .map(|(inner, outer)| Problem {
+            what: format!(
+                "the sandbox paths list {inner} inside {outer}, which is listed too: Nix then empties the real {inner} (data loss, seen with Nix 2.8 and 2.26)"
+            ),
+            fix: format!(
+                "list only {outer} (or only {inner}) in extra-sandbox-paths, and reinstall {inner} if it is now empty"
+            ),
+        })
+        .collect()
+}
+
 /// What stops `needs` from reaching a build, given Nix's settings. Empty means nothing does.
 pub fn problems(f: &NixFacts, needs: &Needs) -> Vec<Problem> {
-    let mut out = Vec::new();
+    let mut out = nested_problems(f);
     let missing: Vec<&str> = needs
         .platforms
         .iter()

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
+pub mod remote;
+
 pub const NIXQIMG: &str = env!("CARGO_BIN_EXE_nixqimg");
 pub const QEMU: &str = "/usr/bin/qemu-aarch64-static";
 
@@ -152,25 +154,108 @@ pub fn inputs() -> &'static Inputs {
     })
 }
 
+/// Which Nix runs a test: Debian 12's nix-bin 2.8 (installed), or Debian trixie's 2.26 (unpacked
+/// next to its own libraries by tests/support/nix-trixie, cached under /var/cache/nixqimg-tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nix {
+    Bookworm,
+    Trixie,
+}
+
+impl Nix {
+    /// The directory holding this Nix's `nix`, `nix-build`, ... (put first on PATH).
+    pub fn bin(self) -> PathBuf {
+        static TRIXIE: OnceLock<PathBuf> = OnceLock::new();
+        match self {
+            Nix::Bookworm => {
+                need("nix-build", "nix-bin");
+                PathBuf::from("/usr/bin")
+            }
+            Nix::Trixie => TRIXIE
+                .get_or_init(|| {
+                    need("patchelf", "patchelf");
+                    let out =
+                        run(Command::new(repo().join("tests/support/nix-trixie"))
+                            .arg(Path::new(CACHE).join("nix-2.26")));
+                    PathBuf::from(out.trim())
+                })
+                .clone(),
+        }
+    }
+
+    /// What `nix --version` must say.
+    pub fn version(self) -> &'static str {
+        match self {
+            Nix::Bookworm => "2.8.",
+            Nix::Trixie => "2.26.",
+        }
+    }
+
+    /// nix.conf lines this Nix needs here. Debian's 2.26 puts `/bin/sh=/usr/bin/bash-static` in its
+    /// default sandbox-paths (its package depends on bash-static); this machine has no trixie
+    /// bash-static installed, so the same program is named where nix-trixie unpacked it.
+    pub fn conf(self) -> String {
+        match self {
+            Nix::Bookworm => String::new(),
+            Nix::Trixie => format!("sandbox-paths = /bin/sh={}\n", self.bin().with_file_name("bash-static").display()),
+        }
+    }
+
+    /// PATH with this Nix first.
+    pub fn path(self) -> std::ffi::OsString {
+        let rest = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![self.bin()];
+        dirs.extend(std::env::split_paths(&rest));
+        std::env::join_paths(dirs).unwrap()
+    }
+}
+
+/// Fixtures fetched or built once and kept across runs (outside the repo).
+pub const CACHE: &str = "/var/cache/nixqimg-tests";
+
+/// Runs each named `fn(Nix)` as two tests, `nix_2_8::NAME` and `nix_2_26::NAME`, same assertions.
+#[macro_export]
+macro_rules! each_nix {
+    ($($name:ident),* $(,)?) => {
+        mod nix_2_8 {
+            $(#[test] fn $name() { super::$name($crate::nix_support::Nix::Bookworm) })*
+        }
+        mod nix_2_26 {
+            $(#[test] fn $name() { super::$name($crate::nix_support::Nix::Trixie) })*
+        }
+    };
+}
+
 /// A single-user Nix store in a temp dir with the sandbox on and no fallback to building unsandboxed.
 pub struct Store {
     pub dir: PathBuf,
+    pub nix: Nix,
 }
 
 impl Store {
-    pub fn new(name: &str) -> Store {
-        need("nix-build", "nix-bin");
+    pub fn new(name: &str, nix: Nix) -> Store {
         need(QEMU, "qemu-user-static");
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nix-{name}-{}", std::process::id()));
+        let bin = nix.bin();
+        let v = Command::new(bin.join("nix")).arg("--version").output().unwrap();
+        let v = String::from_utf8_lossy(&v.stdout).into_owned();
+        assert!(v.contains(&format!("(Nix) {}", nix.version())), "{bin:?}: {v}");
+        let tag = match nix {
+            Nix::Bookworm => "2.8",
+            Nix::Trixie => "2.26",
+        };
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nix-{name}-{tag}-{}", std::process::id()));
         let _ = Command::new("chmod").args(["-R", "u+w"]).arg(&dir).stderr(Stdio::null()).status();
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("etc")).unwrap();
         std::fs::write(
             dir.join("etc/nix.conf"),
-            "build-users-group =\nsubstituters =\nsandbox = true\nsandbox-fallback = false\nexperimental-features = nix-command flakes\n",
+            format!(
+                "build-users-group =\nsubstituters =\nsandbox = true\nsandbox-fallback = false\nexperimental-features = nix-command flakes\n{}",
+                nix.conf()
+            ),
         )
         .unwrap();
-        Store { dir }
+        Store { dir, nix }
     }
 
     /// `prog` with this store's environment.
@@ -186,7 +271,7 @@ impl Store {
         ] {
             c.env(k, self.dir.join(v));
         }
-        c.env_remove("NIX_REMOTE").stdin(Stdio::null());
+        c.env_remove("NIX_REMOTE").env("PATH", self.nix.path()).stdin(Stdio::null());
         c
     }
 }
@@ -243,6 +328,30 @@ pub fn nix(store: &Store, via: Via, nix_args: &[&str]) -> Output {
     c.args(nix_args);
     c.args(nix_config_options(&interp));
     c.output().unwrap()
+}
+
+/// A directory removed when the test ends, passed or failed.
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Copies the fixture flake and its inputs into a fresh directory (a flake outside git).
+pub fn flake_dir(name: &str) -> TempDir {
+    let inputs = inputs();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nix-flake-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fx = repo().join("tests/fixtures/nix");
+    for f in std::fs::read_dir(&fx).unwrap().flatten() {
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    let st = Command::new("cp").arg("-a").arg(&inputs.busybox).arg(&inputs.tools).arg(&dir).status().unwrap();
+    assert!(st.success());
+    TempDir(dir)
 }
 
 pub fn text(b: &[u8]) -> String {
