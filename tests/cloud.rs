@@ -334,11 +334,13 @@ fn x86_64_trixie_userland_on_hetzner_style_metadata() {
     let key = keypair(&md);
     let pubkey = std::fs::read_to_string(key.with_extension("pub")).unwrap();
     // As Hetzner's /hetzner/v1/metadata answers (hostname, instance-id, public-keys, network-config v1).
+    // QEMU's MAC quoted: unquoted, YAML 1.1 reads an all-digit MAC as a base-60 integer (cloud-init then
+    // reported "Not all expected physical devices present: {41135085296}").
     std::fs::write(
         md.join("metadata"),
         format!(
             "hostname: hetzner-1\ninstance-id: 4711001\nlocal-ipv4: ''\npublic-ipv4: 192.0.2.10\n\
-             public-keys:\n- {}\nnetwork-config:\n  config:\n  - mac_address: 52:54:00:12:34:56\n    \
+             public-keys:\n- {}\nnetwork-config:\n  config:\n  - mac_address: '52:54:00:12:34:56'\n    \
              name: eth0\n    subnets:\n    - ipv4: true\n      type: dhcp\n    type: physical\n  version: 1\n\
              vendor_data: ''\n",
             pubkey.trim()
@@ -359,7 +361,7 @@ fn x86_64_trixie_userland_on_hetzner_style_metadata() {
     let st = g.poweroff();
     assert!(st.success(), "nixqimg run did not see the guest power off: {st}\n{}", g.console());
     let console = g.console();
-    let served: Vec<&str> = console.lines().filter(|l| l.starts_with("nixqimg metadata: GET ")).collect();
+    let served: Vec<&str> = console.lines().filter(|l| l.starts_with("nixqimg: metadata: GET ")).collect();
     eprintln!("metadata requests:\n{}", served.join("\n"));
     for path in ["/hetzner/v1/metadata 200", "/hetzner/v1/userdata 200"] {
         assert!(served.iter().any(|l| l.ends_with(path)), "no request for {path}");
