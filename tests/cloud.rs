@@ -111,24 +111,25 @@ fn negative() -> String {
 /// A NoCloud seed by `nixqimg seed`: the key, the hostname, and user-data that writes a file and runs a
 /// command.
 fn seed(dir: &Tmp, key: &Path, hostname: &str) -> PathBuf {
-    let pubkey = std::fs::read_to_string(key.with_extension("pub")).unwrap();
     let user_data = dir.join(format!("user-data-{hostname}"));
-    let keys = match negative().as_str() {
-        "nokey" => String::new(),
-        "nogrowpart" => format!("growpart:\n  mode: \"off\"\nssh_authorized_keys:\n  - {}\n", pubkey.trim()),
-        _ => format!("ssh_authorized_keys:\n  - {}\n", pubkey.trim()),
-    };
+    let growpart = if negative() == "nogrowpart" { "growpart:\n  mode: \"off\"\n" } else { "" };
     std::fs::write(
         &user_data,
         format!(
-            "#cloud-config\n{keys}write_files:\n  - path: /etc/nixqimg-written\n    \
+            "#cloud-config\n{growpart}write_files:\n  - path: /etc/nixqimg-written\n    \
              content: \"written by cloud-init for {hostname}\\n\"\nruncmd:\n  - [sh, -c, \
              \"echo ran as $(id -un) on $(hostname) > /var/lib/nixqimg-runcmd\"]\n"
         ),
     )
     .unwrap();
     let out = dir.join(format!("seed-{hostname}.img"));
-    ok(nixqimg().arg("seed").arg("--user-data").arg(&user_data).args(["--hostname", hostname]).arg("--out").arg(&out));
+    let mut cmd = nixqimg();
+    cmd.arg("seed").arg("--user-data").arg(&user_data).args(["--hostname", hostname]).arg("--out").arg(&out);
+    // --ssh-key with --user-data: nixqimg seed merges the key into the user's cloud-config.
+    if negative() != "nokey" {
+        cmd.arg("--ssh-key").arg(key.with_extension("pub"));
+    }
+    ok(&mut cmd);
     out
 }
 
