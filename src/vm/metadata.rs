@@ -34,7 +34,7 @@ pub fn parse(spec: &str) -> Result<Metadata> {
         Some(("hetzner", d)) if !d.is_empty() => PathBuf::from(d),
         _ => {
             return Err(Error::new(format!("--metadata {spec}: unknown kind"))
-                .hint("use --metadata hetzner:DIR (DIR holds metadata and userdata)")
+                .hint("use --metadata hetzner:DIR, a directory with metadata and userdata")
                 .code(2))
         }
     };
@@ -173,7 +173,10 @@ mod tests {
 
     #[test]
     fn unknown_kinds_and_metadata_without_an_instance_id_are_refused() {
-        assert_eq!(parse("aws:/x").unwrap_err().to_string().lines().next().unwrap(), "--metadata aws:/x: unknown kind");
+        assert_eq!(
+            parse("aws:/x").unwrap_err().to_string(),
+            "--metadata aws:/x: unknown kind (use --metadata hetzner:DIR, a directory with metadata and userdata)"
+        );
         let d = dir("hostname: web-1\n");
         let e = parse(&format!("hetzner:{}", d.display())).unwrap_err().to_string();
         assert!(e.contains("no instance-id"), "{e}");

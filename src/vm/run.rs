@@ -707,6 +707,19 @@ mod tests {
     }
 
     #[test]
+    fn hetzner_metadata_sets_the_smbios_vendor_and_serial_and_forwards_169_254_169_254_to_nixqimg() {
+        let mut s = spec("x86_64", Path::new("/i/a.qcow2"));
+        let md = crate::vm::metadata::Metadata { dir: "/md".into(), instance_id: "4711".into() };
+        s.metadata = Some((md, "/bin/nixqimg".into(), "/t/md.log".into()));
+        let line = joined(&command(&s));
+        assert!(line.contains(" -smbios type=1,manufacturer=Hetzner,product=vServer,serial=4711 -netdev "), "{line}");
+        assert!(!line.contains("nocloud"), "{line}");
+        assert!(line.contains(
+            ",net=169.254.0.0/16,guestfwd=tcp:169.254.169.254:80-cmd:'/bin/nixqimg' __metadata 'hetzner:/md' '/t/md.log' "
+        ));
+    }
+
+    #[test]
     fn a_seed_is_a_second_read_only_virtio_disk_and_switches_the_serial_to_nocloud() {
         let mut s = spec("aarch64", Path::new("/i/a.raw"));
         s.qcow2 = false;
