@@ -271,59 +271,6 @@ fn fixture_cloud_init_settings_are_the_cloud_image_modules() {
     }
 }
 
-/// aarch64 under AAVMF: the arm64 userland (its maintainer scripts ran through nixqimg in
-/// tests/support/debian-root), assembled on this machine without emulation, booted under TCG.
-#[test]
-fn aarch64_trixie_userland_boots_under_aavmf() {
-    let dir = Tmp::new("aarch64");
-    let img = image(&dir, "aarch64", "uefi");
-    boot_and_check(&img, &dir, "arm-1", &[], "uefi");
-}
-
-/// The README's first command, as the README spells it, run from the repository root: it must end in
-/// an SSH login that shows what cloud-init did, and a powered-off guest.
-#[test]
-fn readme_first_command_builds_boots_and_logs_in() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let first = readme
-        .split("```sh\n")
-        .nth(1)
-        .and_then(|b| b.lines().next())
-        .and_then(|l| l.split('#').next())
-        .map(str::trim)
-        .expect("the README has a first sh block");
-    assert_eq!(first, "tests/support/cloud-demo", "the README's first command changed: update this test");
-    let _one = VM.lock().unwrap_or_else(|e| e.into_inner());
-    let start = std::time::Instant::now();
-    // The nixqimg under test instead of a second static build of the same source.
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(first)
-        .current_dir(root)
-        .env("NIXQIMG", cloud_support::NIXQIMG)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprintln!("{first} ({:.1}s):\n{stdout}{stderr}", start.elapsed().as_secs_f64());
-    assert!(out.status.success(), "{first} failed ({})", out.status);
-    for want in [
-        "stands in for a NixOS closure",
-        "==> nixqimg image --toplevel ... --out nixos-aarch64.qcow2",
-        "==> logged in as root over SSH after ",
-        "    hostname:        demo-1",
-        "    cloud-init:      done",
-        "    datasource:      DataSourceNoCloud",
-        "    errors:          []",
-        "    write_files:     /etc/motd: made by cloud-init from a nixqimg seed",
-        "    runcmd:          runcmd ran at ",
-        "==> done: the guest powered off",
-    ] {
-        assert!(stdout.contains(want), "no '{want}' in the output");
-    }
-}
-
 /// Hetzner the way Hetzner does it: no seed, `nixqimg run --metadata hetzner:DIR` gives the guest SMBIOS
 /// manufacturer Hetzner with the instance id as serial and the metadata service at 169.254.169.254; the
 /// real cloud-init picks DataSourceHetzner and applies the hostname, the public keys and the user-data.
