@@ -50,6 +50,9 @@ enum Cmd {
     Write(crate::vm::write::Args),
     /// Keep the BIOS loader's configuration in step with systemd-boot's entries.
     Bootloader(crate::image::bootloader::Args),
+    /// One HTTP connection of `run --metadata` on stdin/stdout (QEMU's guestfwd starts it).
+    #[command(name = "__metadata", hide = true)]
+    Metadata { spec: String, log: Option<PathBuf> },
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,6 +97,9 @@ pub fn main(args: Vec<OsString>) -> u8 {
         Cmd::Run(a) => crate::vm::run::run(a),
         Cmd::Write(a) => crate::vm::write::run(a),
         Cmd::Bootloader(a) => crate::image::bootloader::run(a),
+        Cmd::Metadata { spec, log } => {
+            crate::vm::metadata::serve(&spec, log.as_deref(), std::io::stdin().lock(), std::io::stdout().lock())
+        }
     };
     match res {
         Ok(()) => 0,

@@ -24,7 +24,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Firmware::Uefi)]
     firmware: Firmware,
     /// A NoCloud seed volume (from `nixqimg seed`) attached as a second virtio disk.
-    #[arg(long, conflicts_with = "ssh_key")]
+    #[arg(long, conflicts_with_all = ["ssh_key", "metadata"])]
     seed: Option<PathBuf>,
     /// Make a seed for this run that authorizes this SSH public key file for root.
     #[arg(long)]
@@ -49,6 +49,10 @@ pub struct Args {
     /// Give up after SECS seconds: stop QEMU and exit 124.
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
+    /// Stand in for a cloud's metadata service instead of a seed: `hetzner:DIR` serves DIR/metadata and
+    /// DIR/userdata at 169.254.169.254 as Hetzner Cloud does, with SMBIOS vendor Hetzner.
+    #[arg(long, value_name = "hetzner:DIR", conflicts_with = "ssh_key")]
+    metadata: Option<String>,
     /// Print the QEMU command line instead of running it.
     #[arg(long)]
     dry_run: bool,
@@ -93,6 +97,8 @@ pub struct Spec<'a> {
     pub ssh_port: u16,
     /// Tests and scripts want QEMU to end when the guest reboots (a kernel panic with panic=N does).
     pub no_reboot: bool,
+    /// A metadata service stand-in, with the nixqimg that serves it (`__metadata`) and its request log.
+    pub metadata: Option<(crate::vm::metadata::Metadata, PathBuf, PathBuf)>,
 }
 
 /// The qemu-system argv (without the program) for `spec`.
@@ -150,10 +156,23 @@ pub fn command(spec: &Spec) -> Vec<OsString> {
     }
     a.push("-smbios".into());
     // cloud-init's NoCloud reads its mode from the SMBIOS serial: `ds=nocloud` looks for a local seed
-    // volume, `ds=nocloud-net` for a network one (and, in practice, the image's own defaults).
-    a.push(if spec.seed.is_some() { "type=1,serial=ds=nocloud" } else { "type=1,serial=ds=nocloud-net" }.into());
-    a.push("-netdev".into());
-    a.push(format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", spec.ssh_port).into());
+    // volume, `ds=nocloud-net` for a network one (and, in practice, the image's own defaults). Hetzner's
+    // datasource wants the instance id there instead.
+    let netdev = format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", spec.ssh_port);
+    match &spec.metadata {
+        Some((md, exe, log)) => {
+            a.push(md.smbios().into());
+            a.push("-netdev".into());
+            a.push(format!("{netdev}{}", md.netdev(exe, log)).into());
+        }
+        None => {
+            a.push(
+                if spec.seed.is_some() { "type=1,serial=ds=nocloud" } else { "type=1,serial=ds=nocloud-net" }.into(),
+            );
+            a.push("-netdev".into());
+            a.push(netdev.into());
+        }
+    }
     a.push("-device".into());
     a.push("virtio-net-pci,netdev=net0".into());
     if spec.snapshot {
@@ -534,6 +553,10 @@ pub fn run(a: Args) -> Result<()> {
         cpus: a.cpus,
         ssh_port,
         no_reboot: a.until.is_some() || a.timeout.is_some(),
+        metadata: match &a.metadata {
+            Some(m) => Some((crate::vm::metadata::parse(m)?, std::env::current_exe()?, tmp.0.join("metadata.log"))),
+            None => None,
+        },
     };
     let argv = command(&spec);
     if a.dry_run {
@@ -548,7 +571,15 @@ pub fn run(a: Args) -> Result<()> {
         arch.name,
         if spec.uefi.is_some() { "UEFI" } else { "BIOS" }
     );
-    watch(bin, &argv, a.until.as_deref(), a.timeout.map(Duration::from_secs))
+    let res = watch(bin, &argv, a.until.as_deref(), a.timeout.map(Duration::from_secs));
+    if let Some((_, _, log)) = &spec.metadata {
+        let served = std::fs::read_to_string(log).unwrap_or_default();
+        eprintln!("nixqimg: the metadata service answered {} requests", served.lines().count());
+        for l in served.lines() {
+            eprintln!("nixqimg: metadata: {l}");
+        }
+    }
+    res
 }
 
 /// Runs QEMU with the serial console on our terminal; with `until`/`timeout`, reads the console,
@@ -652,6 +683,7 @@ mod tests {
             cpus: 2,
             ssh_port: 2222,
             no_reboot: false,
+            metadata: None,
         }
     }
 
@@ -672,6 +704,19 @@ mod tests {
         assert!(line.contains("-smbios type=1,serial=ds=nocloud-net"));
         assert!(line.contains("hostfwd=tcp:127.0.0.1:2222-:22"));
         assert!(!line.contains("-snapshot") && !line.contains("-no-reboot") && !line.contains("-cpu"));
+    }
+
+    #[test]
+    fn hetzner_metadata_sets_the_smbios_vendor_and_serial_and_forwards_169_254_169_254_to_nixqimg() {
+        let mut s = spec("x86_64", Path::new("/i/a.qcow2"));
+        let md = crate::vm::metadata::Metadata { dir: "/md".into(), instance_id: "4711".into() };
+        s.metadata = Some((md, "/bin/nixqimg".into(), "/t/md.log".into()));
+        let line = joined(&command(&s));
+        assert!(line.contains(" -smbios type=1,manufacturer=Hetzner,product=vServer,serial=4711 -netdev "), "{line}");
+        assert!(!line.contains("nocloud"), "{line}");
+        assert!(line.contains(
+            ",net=169.254.0.0/16,guestfwd=tcp:169.254.169.254:80-cmd:'/bin/nixqimg' __metadata 'hetzner:/md' '/t/md.log' "
+        ));
     }
 
     #[test]
