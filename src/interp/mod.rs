@@ -13,6 +13,8 @@
 pub mod config;
 pub mod elf;
 pub mod exec;
+#[cfg(test)]
+mod fuzz;
 pub mod plan;
 
 use crate::arch::Arch;
