@@ -133,7 +133,7 @@ fn check(file: &File, salt: u64) -> Option<Finding> {
 }
 
 fn put(b: &mut [u8], at: usize, v: &[u8]) {
-    if let Some(s) = b.get_mut(at..at + v.len()) {
+    if let Some(s) = at.checked_add(v.len()).and_then(|end| b.get_mut(at..end)) {
         s.copy_from_slice(v);
     }
 }
