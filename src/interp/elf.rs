@@ -95,17 +95,38 @@ impl ElfFacts {
     }
 }
 
+/// The largest offset `pread` takes (its `off_t` is signed): a field pointing further is damage, not
+/// an I/O error (the kernel's EINVAL would otherwise surface as "cannot read: Invalid argument").
+const MAX_OFFSET: u64 = i64::MAX as u64;
+
+/// `off .. off + len` as a range `pread` can be asked for, or `Truncated(what)`.
+fn checked_range(off: u64, len: usize, what: &'static str) -> Result<(), ElfError> {
+    match off.checked_add(len as u64) {
+        Some(end) if end <= MAX_OFFSET => Ok(()),
+        _ => Err(ElfError::Truncated(what)),
+    }
+}
+
 fn read_exact_at(file: &File, buf: &mut [u8], off: u64, what: &'static str) -> Result<(), ElfError> {
+    if read_upto_at(file, buf, off, what)? < buf.len() {
+        return Err(ElfError::Truncated(what));
+    }
+    Ok(())
+}
+
+/// Reads up to `buf.len()` bytes at `off`; fewer only at the end of the file.
+fn read_upto_at(file: &File, buf: &mut [u8], off: u64, what: &'static str) -> Result<usize, ElfError> {
+    checked_range(off, buf.len(), what)?;
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => return Err(ElfError::Truncated(what)),
+            Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(ElfError::Io(e)),
         }
     }
-    Ok(())
+    Ok(done)
 }
 
 fn u16_at(b: &[u8], off: usize, endian: Endian) -> u16 {
@@ -266,16 +287,7 @@ fn read_interp(file: &File, ph: &ProgramHeader) -> Result<Vec<u8>, ElfError> {
 }
 
 fn read_some(file: &File, buf: &mut [u8]) -> Result<usize, ElfError> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ElfError::Io(e)),
-        }
-    }
-    Ok(done)
+    read_upto_at(file, buf, 0, "the ELF header")
 }
 
 /// File offset of virtual address `vaddr`, through the PT_LOAD that maps it from the file.
@@ -346,18 +358,8 @@ fn read_dynamic(
         return Err(ElfError::Malformed("dynamic strings spread over more than 256 KiB"));
     }
     let mut window = vec![0u8; (end - min) as usize];
-    let n = {
-        let mut done = 0;
-        while done < window.len() {
-            match file.read_at(&mut window[done..], str_off + min + done as u64) {
-                Ok(0) => break,
-                Ok(k) => done += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ElfError::Io(e)),
-            }
-        }
-        done
-    };
+    let at = str_off.checked_add(min).ok_or(ElfError::Truncated("the dynamic strings"))?;
+    let n = read_upto_at(file, &mut window, at, "the dynamic strings")?;
     window.truncate(n);
     let string = |off: u64| -> Option<Vec<u8>> {
         let rel = usize::try_from(off.checked_sub(min)?).ok()?;
@@ -376,9 +378,106 @@ fn read_dynamic(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
+
+    /// A dynamic aarch64 ET_DYN ELF64 like the hostile ones issue 12 found: PT_INTERP `interp`,
+    /// DT_RUNPATH `runpath` (if any) and `needed` DT_NEEDED entries `libmissingN.so`.
+    pub(crate) fn hostile(interp: &[u8], runpath: Option<&[u8]>, needed: usize) -> Vec<u8> {
+        let interp_at = 0x100usize;
+        let dyn_at = (interp_at + interp.len() + 1 + 15) & !15;
+        let ndyn = needed + 4;
+        let str_at = dyn_at + ndyn * 16;
+        let mut strtab = vec![0u8];
+        let mut offs = Vec::new();
+        for i in 0..needed {
+            offs.push(strtab.len() as u64);
+            strtab.extend_from_slice(format!("libmissing{i}.so\0").as_bytes());
+        }
+        let rp_off = strtab.len() as u64;
+        if let Some(rp) = runpath {
+            strtab.extend_from_slice(rp);
+            strtab.push(0);
+        }
+        let mut f = vec![0u8; str_at + strtab.len()];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[6] = 1;
+        f[16..18].copy_from_slice(&ET_DYN.to_le_bytes());
+        f[18..20].copy_from_slice(&183u16.to_le_bytes());
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[32..40].copy_from_slice(&64u64.to_le_bytes());
+        f[52..54].copy_from_slice(&64u16.to_le_bytes());
+        f[54..56].copy_from_slice(&56u16.to_le_bytes());
+        f[56..58].copy_from_slice(&3u16.to_le_bytes());
+        let total = f.len() as u64;
+        let mut ph = |i: usize, t: u32, off: u64, sz: u64| {
+            let b = 64 + i * 56;
+            f[b..b + 4].copy_from_slice(&t.to_le_bytes());
+            f[b + 8..b + 16].copy_from_slice(&off.to_le_bytes());
+            f[b + 16..b + 24].copy_from_slice(&off.to_le_bytes());
+            f[b + 32..b + 40].copy_from_slice(&sz.to_le_bytes());
+            f[b + 40..b + 48].copy_from_slice(&sz.to_le_bytes());
+        };
+        ph(0, PT_LOAD, 0, total);
+        ph(1, PT_INTERP, interp_at as u64, interp.len() as u64 + 1);
+        ph(2, PT_DYNAMIC, dyn_at as u64, ndyn as u64 * 16);
+        f[interp_at..interp_at + interp.len()].copy_from_slice(interp);
+        let mut ents: Vec<(u64, u64)> = offs.iter().map(|&o| (DT_NEEDED, o)).collect();
+        if runpath.is_some() {
+            ents.push((DT_RUNPATH, rp_off));
+        }
+        ents.push((DT_STRTAB, str_at as u64));
+        ents.push((DT_STRSZ, strtab.len() as u64));
+        for (i, (tag, val)) in ents.iter().enumerate() {
+            let b = dyn_at + i * 16;
+            f[b..b + 8].copy_from_slice(&tag.to_le_bytes());
+            f[b + 8..b + 16].copy_from_slice(&val.to_le_bytes());
+        }
+        f[str_at..].copy_from_slice(&strtab);
+        f
+    }
+
+    /// `x:x:...`: 4096 one-letter relative directories, the most an 8 KiB RUNPATH holds.
+    pub(crate) fn runpath_4096() -> Vec<u8> {
+        let mut rp = b"x:".repeat(4096);
+        rp.pop();
+        rp
+    }
+
+    /// Regression (issue 12): offsets past i64::MAX made `pread` fail with EINVAL, reported as
+    /// "cannot read: Invalid argument" with no hint instead of a damaged file.
+    #[test]
+    fn offsets_past_i64_max_are_a_truncated_file_not_an_io_error() {
+        let good = hostile(b"/lib/ld-linux-aarch64.so.1", None, 1);
+        assert!(facts_of(&good).is_ok());
+        let put = |f: &mut Vec<u8>, at: usize, v: u64| f[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        for off in [1u64 << 63, u64::MAX - 4096, (1u64 << 63) - 8, 1 << 40] {
+            let mut phoff = good.clone();
+            put(&mut phoff, 32, off);
+            let mut interp = good.clone();
+            put(&mut interp, 64 + 56 + 8, off);
+            let mut dynamic = good.clone();
+            put(&mut dynamic, 64 + 2 * 56 + 8, off);
+            for (name, bad) in [("e_phoff", phoff), ("PT_INTERP", interp), ("PT_DYNAMIC", dynamic)] {
+                match facts_of(&bad) {
+                    Err(ElfError::Truncated(_) | ElfError::Malformed(_)) => {}
+                    other => panic!("{name} at {off:#x}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_hostile_shapes_parse_as_their_fields_say() {
+        let rp = runpath_4096();
+        let f = facts_of(&hostile(&[b'l'; 4095], Some(&rp), 64)).unwrap();
+        assert_eq!(f.interp.as_ref().map(Vec::len), Some(4095));
+        assert_eq!(f.runpath.as_deref(), Some(&rp[..]));
+        assert_eq!(f.needed.len(), 64);
+    }
 
     /// A small but complete dynamic aarch64 ELF64: header, 4 phdrs, interp, dynamic, strtab.
     pub(crate) fn sample(interp: &[u8], e_type: u16, load: u64) -> Vec<u8> {
@@ -422,7 +521,7 @@ mod tests {
         f
     }
 
-    fn facts_of(bytes: &[u8]) -> Result<ElfFacts, ElfError> {
+    pub(crate) fn facts_of(bytes: &[u8]) -> Result<ElfFacts, ElfError> {
         let mut t = tempfile();
         t.write_all(bytes).unwrap();
         read(&t)

@@ -13,6 +13,8 @@
 pub mod config;
 pub mod elf;
 pub mod exec;
+#[cfg(test)]
+mod fuzz;
 pub mod plan;
 
 use crate::arch::Arch;
@@ -50,17 +52,42 @@ pub fn main(args: Vec<OsString>) -> u8 {
     match run(args) {
         Ok(never) => match never {},
         Err(f) => {
-            let mut line = b"nixqimg: ".to_vec();
-            line.extend_from_slice(path.as_bytes());
-            let _ = write!(line, ": {}", f.what);
-            if !f.hint.is_empty() {
-                let _ = write!(line, " ({})", f.hint);
-            }
-            line.push(b'\n');
-            let _ = std::io::stderr().write_all(&line);
+            let _ = std::io::stderr().write_all(&error_line(path.as_bytes(), &f.what, f.hint));
             f.code
         }
     }
+}
+
+/// The longest error line the interpreter writes, newline included.
+pub const MAX_LINE: usize = 4096;
+
+/// `nixqimg: PATH: WHAT (HINT)\n`, at most [`MAX_LINE`] bytes: a longer path or message (a hostile
+/// PT_INTERP, a RUNPATH of thousands of directories) is cut with `… (N bytes left out)`, and the hint
+/// is always kept whole.
+pub fn error_line(path: &[u8], what: &str, hint: &str) -> Vec<u8> {
+    let mut tail = Vec::new();
+    if !hint.is_empty() {
+        let _ = write!(tail, " ({hint})");
+    }
+    tail.push(b'\n');
+    let mut body = b"nixqimg: ".to_vec();
+    body.extend_from_slice(path);
+    body.extend_from_slice(b": ");
+    body.extend_from_slice(what.as_bytes());
+    if body.len() + tail.len() > MAX_LINE {
+        // Room for the marker with the widest count there can be.
+        let keep = MAX_LINE.saturating_sub(tail.len() + "… ( bytes left out)".len() + 20);
+        // Cut on a UTF-8 character boundary where the text has one.
+        let mut cut = keep.min(body.len());
+        while cut > keep.saturating_sub(3) && cut > 0 && body.get(cut).is_some_and(|b| b & 0xc0 == 0x80) {
+            cut -= 1;
+        }
+        let left_out = body.len() - cut;
+        body.truncate(cut);
+        let _ = write!(body, "… ({left_out} bytes left out)");
+    }
+    body.extend_from_slice(&tail);
+    body
 }
 
 enum Never {}

@@ -59,6 +59,55 @@ pub trait Probe {
     fn canonicalize(&self, path: &Path) -> Option<PathBuf>;
 }
 
+/// At most this many file-system probes per exec, whatever RUNPATH and DT_NEEDED say. A real Nix
+/// program (a dozen RUNPATH directories, a dozen libraries) needs well under a hundred; a hostile one
+/// (4096 directories × 64 libraries) would otherwise cost a quarter of a million `statx` calls. Past
+/// the budget nothing more is looked up: the program runs loader-first and ld.so, which reads the
+/// same RUNPATH itself, finds its libraries or says which one is missing.
+pub const MAX_PROBES: u32 = 400;
+
+/// A [`Probe`] that answers "no" once `left` is spent, and remembers that it did.
+struct Budget<'a> {
+    inner: &'a dyn Probe,
+    left: std::cell::Cell<u32>,
+    spent: std::cell::Cell<bool>,
+}
+
+impl Budget<'_> {
+    fn take(&self) -> bool {
+        match self.left.get() {
+            0 => {
+                self.spent.set(true);
+                false
+            }
+            n => {
+                self.left.set(n - 1);
+                true
+            }
+        }
+    }
+}
+
+impl Probe for Budget<'_> {
+    fn is_file(&self, path: &Path) -> bool {
+        self.take() && self.inner.is_file(path)
+    }
+    fn list(&self, dir: &Path, prefix: &[u8]) -> Vec<PathBuf> {
+        if self.take() {
+            self.inner.list(dir, prefix)
+        } else {
+            Vec::new()
+        }
+    }
+    fn loader_has_argv0(&self, loader: &Path) -> bool {
+        // Asked once per plan, of the loader already chosen: not part of the search.
+        self.inner.loader_has_argv0(loader)
+    }
+    fn canonicalize(&self, path: &Path) -> Option<PathBuf> {
+        self.take().then(|| self.inner.canonicalize(path)).flatten()
+    }
+}
+
 /// Everything about this one exec.
 pub struct Request<'a> {
     /// The program as qemu should open it (`/proc/self/fd/N` when the kernel gave us AT_EXECFD).
@@ -101,6 +150,9 @@ pub enum PlanError {
     LoaderMissing { interp: PathBuf, looked: Vec<PathBuf> },
 }
 
+/// A missing loader's message names at most this many of the places looked at.
+const MAX_LOOKED_SHOWN: usize = 16;
+
 impl fmt::Display for PlanError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -108,8 +160,11 @@ impl fmt::Display for PlanError {
                 write!(f, "its loader {} does not exist", interp.display())?;
                 if !looked.is_empty() {
                     write!(f, ", nor at ")?;
-                    for (i, p) in looked.iter().enumerate() {
+                    for (i, p) in looked.iter().take(MAX_LOOKED_SHOWN).enumerate() {
                         write!(f, "{}{}", if i > 0 { ", " } else { "" }, p.display())?;
+                    }
+                    if looked.len() > MAX_LOOKED_SHOWN {
+                        write!(f, " and {} more places", looked.len() - MAX_LOOKED_SHOWN)?;
                     }
                 }
                 Ok(())
@@ -181,7 +236,7 @@ fn sysroots(req: &Request) -> Vec<PathBuf> {
 /// bootstrap-tools tree, its RUNPATH directories, or a sysroot.
 fn find_loader(
     req: &Request,
-    probe: &dyn Probe,
+    probe: &Budget,
     interp: &Path,
     why: &mut Vec<String>,
 ) -> Result<(PathBuf, bool), PlanError> {
@@ -220,19 +275,25 @@ fn find_loader(
     }
     if let Some(rp) = &req.facts.runpath {
         for d in search_dirs(rp, &dirname(req.path)) {
+            if probe.spent.get() {
+                break;
+            }
             if let Some(l) = try_at(d.join(&name), &mut looked) {
                 why.push(format!("loader found in the program's RUNPATH/RPATH directory {}", d.display()));
                 return Ok((l, true));
             }
         }
     }
+    // The sysroots are the host's configuration, not the file's: a few places, looked at even when
+    // a long RUNPATH spent the budget.
     for root in &sysroots(req) {
         let rel = interp.strip_prefix("/").unwrap_or(interp);
         for cand in [root.join(rel), root.join("lib").join(&name), root.join("lib64").join(&name)] {
-            if let Some(l) = try_at(cand, &mut looked) {
+            if probe.inner.is_file(&cand) {
                 why.push(format!("loader found in sysroot {}", root.display()));
-                return Ok((l, true));
+                return Ok((cand, true));
             }
+            looked.push(cand);
         }
     }
     Err(PlanError::LoaderMissing { interp: interp.to_path_buf(), looked })
@@ -241,7 +302,7 @@ fn find_loader(
 /// Directories to hand ld.so with `--library-path`: only for libraries it would not find itself.
 fn missing_library_dirs(
     req: &Request,
-    probe: &dyn Probe,
+    probe: &Budget,
     loader: &Path,
     relocated: bool,
     why: &mut Vec<String>,
@@ -267,17 +328,20 @@ fn missing_library_dirs(
         .chain(sysroots(req).iter().flat_map(|s| [s.join("lib"), s.join("lib64"), s.join("usr/lib")]))
         .collect();
     for lib in &req.facts.needed {
+        if probe.spent.get() {
+            break;
+        }
         let lib = Path::new(OsStr::from_bytes(lib));
         if lib.as_os_str().as_bytes().contains(&b'/') {
             continue;
         }
-        if own.iter().chain(extra.iter()).any(|d| probe.is_file(&d.join(lib))) {
+        if own.iter().chain(extra.iter()).any(|d| !probe.spent.get() && probe.is_file(&d.join(lib))) {
             continue;
         }
         if let Some(d) = candidates.iter().find(|d| probe.is_file(&d.join(lib))) {
             why.push(format!("{} is found only in {}", lib.display(), d.display()));
             extra.push(d.clone());
-        } else {
+        } else if !probe.spent.get() {
             why.push(format!("{} is found nowhere nixqimg looks; ld.so will report it", lib.display()));
         }
     }
@@ -291,6 +355,8 @@ fn missing_library_dirs(
 }
 
 pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
+    let probe = Budget { inner: probe, left: MAX_PROBES.into(), spent: false.into() };
+    let probe = &probe;
     let f = req.facts;
     let mut why = vec![format!(
         "{} {} ({})",
@@ -332,7 +398,13 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
                 s => {
                     let (loader, relocated) = find_loader(req, probe, &interp, &mut why)?;
                     let library_path = missing_library_dirs(req, probe, &loader, relocated, &mut why);
-                    let first = s == Strategy::LoaderFirst || relocated || !library_path.is_empty() || risk;
+                    let spent = probe.spent.get();
+                    if spent {
+                        why.push(format!(
+                            "{MAX_PROBES} file probes spent: the rest of the library search is left to ld.so (loader-first)"
+                        ));
+                    }
+                    let first = s == Strategy::LoaderFirst || relocated || !library_path.is_empty() || risk || spent;
                     if s == Strategy::LoaderFirst {
                         why.push("strategy loader-first".into());
                     } else if relocated {
@@ -668,5 +740,102 @@ mod tests {
             bootstrap_tools_root(Path::new("/nix/store/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-bootstrap-tools/bin/x")),
             None
         );
+    }
+
+    /// Counts what the planner asks of the file system.
+    struct Counting<'a>(&'a FakeFs, std::cell::Cell<usize>);
+    impl Probe for Counting<'_> {
+        fn is_file(&self, p: &Path) -> bool {
+            self.1.set(self.1.get() + 1);
+            self.0.is_file(p)
+        }
+        fn list(&self, dir: &Path, prefix: &[u8]) -> Vec<PathBuf> {
+            self.1.set(self.1.get() + 1);
+            self.0.list(dir, prefix)
+        }
+        fn loader_has_argv0(&self, l: &Path) -> bool {
+            self.0.loader_has_argv0(l)
+        }
+        fn canonicalize(&self, p: &Path) -> Option<PathBuf> {
+            self.1.set(self.1.get() + 1);
+            self.0.canonicalize(p)
+        }
+    }
+
+    fn hostile_facts(interp: &[u8], runpath: Option<&[u8]>, needed: usize) -> ElfFacts {
+        crate::interp::elf::tests::facts_of(&crate::interp::elf::tests::hostile(interp, runpath, needed)).unwrap()
+    }
+
+    /// Regression (issue 12): 64 missing DT_NEEDED and a RUNPATH of 4096 directories cost 266,503
+    /// `statx` calls for one exec. Now the search stops at the budget and ld.so takes over.
+    #[test]
+    fn probes_are_capped_whatever_runpath_and_needed_say_and_the_program_goes_loader_first() {
+        let loader = "/lib/ld-linux-aarch64.so.1";
+        let f = hostile_facts(loader.as_bytes(), Some(&crate::interp::elf::tests::runpath_4096()), 64);
+        let files = fs(&[loader]);
+        let probe = Counting(&files, 0.into());
+        let p = plan(&req(&f, "/p/bin/x", &[], vec![], Strategy::Auto, 4096), &probe).unwrap();
+        assert!(probe.1.get() <= MAX_PROBES as usize, "{} probes", probe.1.get());
+        assert_eq!(p.mode, Mode::LoaderFirst { loader: loader.into(), library_path: vec![], argv0: true });
+        assert!(p.why.iter().any(|w| w.contains("probes spent")), "{:?}", p.why);
+    }
+
+    /// A Nix-like program (a dozen RUNPATH store directories, a dozen libraries, each in the last
+    /// directory) stays well inside the budget and still runs direct.
+    #[test]
+    fn a_nix_like_program_is_not_touched_by_the_probe_budget() {
+        let loader = "/lib/ld-linux-aarch64.so.1";
+        let dirs: Vec<String> = (0..12).map(|i| format!("/nix/store/{i:032}-dep{i}/lib")).collect();
+        let rp = dirs.join(":");
+        let f = hostile_facts(loader.as_bytes(), Some(rp.as_bytes()), 12);
+        let mut names = vec![loader.to_string()];
+        names.extend((0..12).map(|i| format!("{}/libmissing{i}.so", dirs[11])));
+        let files = fs(&names.iter().map(String::as_str).collect::<Vec<_>>());
+        let probe = Counting(&files, 0.into());
+        let p = plan(&req(&f, "/p/bin/x", &[], vec![], Strategy::Auto, 4096), &probe).unwrap();
+        assert_eq!(p.mode, Mode::Direct, "{:?}", p.why);
+        assert!(probe.1.get() < MAX_PROBES as usize / 2, "{} probes", probe.1.get());
+        // 145
+    }
+
+    /// Regression (issue 12): a 4 KiB PT_INTERP that exists nowhere and a RUNPATH of 4096
+    /// directories made one error line of 16.7 MB.
+    #[test]
+    fn a_missing_4k_loader_with_a_4096_directory_runpath_gives_one_short_line() {
+        let interp = vec![b'l'; 4095];
+        let f = hostile_facts(&interp, Some(&crate::interp::elf::tests::runpath_4096()), 0);
+        let probe = Counting(&fs(&[]), 0.into());
+        let e = plan(&req(&f, "/p/bin/x", &[], vec![], Strategy::Auto, 4096), &probe).unwrap_err();
+        // The budget, then the sysroot's three places (host configuration, outside the budget).
+        assert!(probe.1.get() <= MAX_PROBES as usize + 3, "{} probes", probe.1.get());
+        let line = crate::interp::error_line(b"/p/bin/x", &e.to_string(), "a hint");
+        assert!(line.len() <= crate::interp::MAX_LINE, "{} bytes", line.len());
+        let text = String::from_utf8(line).unwrap();
+        assert!(text.starts_with("nixqimg: /p/bin/x: its loader llll"), "{text}");
+        assert!(text.ends_with(" bytes left out) (a hint)\n"), "{text}");
+        assert_eq!(text.matches('\n').count(), 1);
+    }
+
+    #[test]
+    fn error_lines_are_cut_at_4k_with_a_count_and_keep_short_ones_whole() {
+        use crate::interp::{error_line, MAX_LINE};
+        assert_eq!(error_line(b"/x", "gone", "do this"), b"nixqimg: /x: gone (do this)\n");
+        assert_eq!(error_line(b"/x", "gone", ""), b"nixqimg: /x: gone\n");
+        for n in [MAX_LINE - 30, MAX_LINE, 5000, 1 << 20] {
+            let what = "é".repeat(n / 2);
+            let line = error_line(b"/x", &what, "hint");
+            assert!(line.len() <= MAX_LINE, "{n}: {}", line.len());
+            let text = String::from_utf8(line.clone()).expect("cut on a character boundary");
+            let full = 13 + what.len() + 8;
+            if full <= MAX_LINE {
+                assert!(!text.contains("left out"), "{n}");
+            } else {
+                let kept = text.len() - " (hint)\n".len();
+                let count: usize = text[..kept].rsplit('(').next().unwrap().split(' ').next().unwrap().parse().unwrap();
+                // What was kept plus what was left out is the whole body.
+                let marker = format!("… ({count} bytes left out)");
+                assert_eq!(kept - marker.len() + count, 13 + what.len(), "{n}: {text}");
+            }
+        }
     }
 }
