@@ -53,7 +53,10 @@ fn on_64k_pages_qemu_run_directly_cannot_find_a_guest_base_for_the_0x3ff000_prog
     let b = boot_64k();
     let c = b.case("direct_3ff");
     assert_eq!(c.rc, Some(1), "{}", c.text());
-    assert_eq!(c.out.first().map(String::as_str), Some(format!("qemu-x86_64: {}/bin/argv: {GUEST_BASE}", store()).as_str()));
+    assert_eq!(
+        c.out.first().map(String::as_str),
+        Some(format!("qemu-x86_64: {}/bin/argv: {GUEST_BASE}", store()).as_str())
+    );
 }
 
 #[test]

@@ -129,10 +129,18 @@ pub fn kernel_64k() -> &'static Path {
             .stderr(Stdio::inherit())
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(res.status.success(), "{} failed ({}): the 64K kernel could not be built", script.display(), res.status);
+        assert!(
+            res.status.success(),
+            "{} failed ({}): the 64K kernel could not be built",
+            script.display(),
+            res.status
+        );
         eprintln!("the 64K kernel took {:?} (cached after the first build)", start.elapsed());
         let text = String::from_utf8_lossy(&res.stdout).into_owned();
-        let k = text.lines().find_map(|l| l.strip_prefix("kernel64k=")).unwrap_or_else(|| panic!("no kernel64k= in:\n{text}"));
+        let k = text
+            .lines()
+            .find_map(|l| l.strip_prefix("kernel64k="))
+            .unwrap_or_else(|| panic!("no kernel64k= in:\n{text}"));
         PathBuf::from(k)
     })
 }
