@@ -45,6 +45,24 @@ let
       mask = bySystem.${system}.mask;
     };
   };
+  # With F, nixqimg also runs in chroots and containers that hold no qemu: beside each of its
+  # entries a marker entry (flags POF) pins the static qemu, and nixqimg routes execs there when
+  # it finds no qemu (README "Chroots and containers").
+  markerRegistration = system: {
+    name = bySystem.${system}.markerEntryName;
+    value = {
+      interpreter = "${nixqimg.qemu}/bin/${bySystem.${system}.qemu}";
+      recognitionType = "magic";
+      offset = 0;
+      magicOrExtension = bySystem.${system}.markerMagic;
+      mask = bySystem.${system}.markerMask;
+      preserveArgvZero = true;
+      openBinary = true;
+      fixBinary = true;
+      wrapInterpreterInShell = false;
+      interpreterSandboxPath = "${nixqimg.qemu}";
+    };
+  };
   # nixpkgs' entries keep their names; who serves them and what they match change. Plain
   # assignments beat the mkDefault values nixpkgs gives the interpreter and flags (its
   # wrapQemuBinfmtP wrapper, or the bare static qemu when preferStaticEmulators is set, in which
@@ -139,7 +157,9 @@ in
       }
     ];
 
-    boot.binfmt.registrations = lib.listToAttrs (map ownRegistration own ++ map takeOver takenOver);
+    boot.binfmt.registrations = lib.listToAttrs (
+      map ownRegistration own ++ map takeOver takenOver ++ lib.optionals cfg.fixBinary (map markerRegistration served)
+    );
 
     nixpkgs.overlays = lib.mkIf (cfg.overlay && pkgsWritable) [ overlay ];
     warnings = lib.optional (cfg.overlay && !pkgsWritable) (

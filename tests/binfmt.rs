@@ -60,7 +60,12 @@ echo "== shebang"; ./script z
         let dir = d.path().display().to_string();
         // P keeps argv[0]; with O/C the kernel's fd is handed to qemu, so /proc/self/exe is still
         // the program's own path (qemu resolves it back).
-        let mut want = String::from("nixqimg-aarch64: registered for aarch64-linux\n== by path\n");
+        let mut want = String::from("nixqimg-aarch64: registered for aarch64-linux\n");
+        // With F, the qemu marker entry for chroots without qemu comes along (README).
+        if flags.contains('F') {
+            want += "nixqimg-aarch64-qemu: registered for aarch64-linux\n";
+        }
+        want += "== by path\n";
         want += &report("./bin/probe", &["one", "two words", ""], &["BF_X=a b"], &format!("{dir}/bin/probe"));
         want += "== renamed\n";
         want += &report("renamed", &["x"], &[], &format!("{dir}/bin/probe"));
@@ -110,21 +115,31 @@ echo ==json; cat /tmp/status1.json
     let s = out.ok();
     let (text, js) = s.split_once("==json\n").unwrap();
     let want_head =
-        "nixqimg-aarch64: registered for aarch64-linux\nnixqimg-riscv64: registered for riscv64-linux\nrc=0\n\
-                     nixqimg-aarch64: already registered for aarch64-linux\nrc=0\nrc=0\n\
-                     nixqimg-aarch64: removed\nrc=0\n";
+        "nixqimg-aarch64: registered for aarch64-linux\nnixqimg-riscv64: registered for riscv64-linux\n\
+                     nixqimg-aarch64-qemu: registered for aarch64-linux\nnixqimg-riscv64-qemu: registered for riscv64-linux\nrc=0\n\
+                     nixqimg-aarch64: already registered for aarch64-linux\nnixqimg-aarch64-qemu: already registered for aarch64-linux\nrc=0\nrc=0\n\
+                     nixqimg-aarch64-qemu: removed\nnixqimg-aarch64: removed\nrc=0\n";
     assert!(text.starts_with(want_head), "{text}");
     assert!(text.contains("\naarch64-linux: not served ('nixqimg register aarch64-linux')\n"), "{text}");
     assert!(text.contains("\nriscv64-linux: served by nixqimg-riscv64 (PF)\n"), "{text}");
     assert!(text.contains("\nx86_64-linux: native (host architecture)\n"), "{text}");
     assert!(
-        text.ends_with("nixqimg-riscv64: removed\nrc=0\nregister\nstatus\nno nixqimg entries to remove\nrc=0\n"),
+        text.ends_with(
+            "nixqimg-riscv64-qemu: removed\nnixqimg-riscv64: removed\nrc=0\nregister\nstatus\nno nixqimg entries to remove\nrc=0\n"
+        ),
         "{text}"
     );
     let j = json(js);
     assert_eq!(j["binfmt_misc"]["mounted"], true);
     let e = j["entries"].as_array().unwrap();
-    assert_eq!(e.len(), 2);
+    assert_eq!(e.len(), 4);
+    let m = e.iter().find(|e| e["name"] == "nixqimg-aarch64-qemu").unwrap();
+    assert_eq!((m["flags"].as_str(), m["owner"].as_str()), (Some("POF"), Some("nixqimg")));
+    assert_eq!(m["magic"], "7f454c4602010100004e0000000000000200b700");
+    assert_eq!(
+        (m["systems"].clone(), m["carries"].clone()),
+        (serde_json::json!([]), serde_json::json!(["aarch64-linux"]))
+    );
     let a = e.iter().find(|e| e["name"] == "nixqimg-aarch64").unwrap();
     assert_eq!(a["interpreter"], NIXQIMG);
     assert_eq!(a["flags"], "PF");
@@ -186,7 +201,9 @@ ls /proc/sys/fs/binfmt_misc
         T,
     );
     let want = format!(
-        "would write ':nixqimg-aarch64:M::\\x7f\\x45\\x4c\\x46\\x02\\x01\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x02\\x00\\xb7\\x00:\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\x00\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xfe\\xff\\xff\\xff:{NIXQIMG}:PF' to /proc/sys/fs/binfmt_misc/register\nrc=0\nregister\nstatus\nrc=126\n"
+        "would write ':nixqimg-aarch64:M::\\x7f\\x45\\x4c\\x46\\x02\\x01\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x02\\x00\\xb7\\x00:\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\x00\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xfe\\xff\\xff\\xff:{NIXQIMG}:PF' to /proc/sys/fs/binfmt_misc/register\n\
+         would write ':nixqimg-aarch64-qemu:M::\\x7f\\x45\\x4c\\x46\\x02\\x01\\x01\\x00\\x00\\x4e\\x00\\x00\\x00\\x00\\x00\\x00\\x02\\x00\\xb7\\x00:\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\x00\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xfe\\xff\\xff\\xff:{qemu}:POF' to /proc/sys/fs/binfmt_misc/register\nrc=0\nregister\nstatus\nrc=126\n",
+        qemu = std::fs::canonicalize("/usr/bin/qemu-aarch64-static").unwrap().display()
     );
     assert_eq!(out.ok(), want, "stderr:\n{}", out.stderr);
     assert!(out.stderr.contains("Exec format error"), "{}", out.stderr);
@@ -235,10 +252,11 @@ echo "== s0"; cat /tmp/s0.json; echo "== s1"; cat /tmp/s1.json
         format!(
             "-- qemu only\n{path}\nrc=1\n\
              nixqimg-aarch64: registered for aarch64-linux\n\
-             qemu-aarch64: disabled (aarch64-linux now goes to nixqimg; 'nixqimg unregister' re-enables it)\nrc=0\n\
+             qemu-aarch64: disabled (aarch64-linux now goes to nixqimg; 'nixqimg unregister' re-enables it)\n\
+             nixqimg-aarch64-qemu: registered for aarch64-linux\nrc=0\n\
              -- after replace\nWHO\n\
              aarch64-linux: served by nixqimg-aarch64 (PF); disabled: qemu-aarch64\n\
-             nixqimg-aarch64: removed\nqemu-aarch64: re-enabled for aarch64-linux\nrc=0\n\
+             nixqimg-aarch64-qemu: removed\nnixqimg-aarch64: removed\nqemu-aarch64: re-enabled for aarch64-linux\nrc=0\n\
              -- after unregister\n{path}\nenabled\n"
         ),
         "stderr:\n{}",
@@ -298,6 +316,7 @@ echo "== nixqimg first, qemu after"
             "== qemu first, nixqimg after\n\
              aarch64-linux: served by nixqimg-aarch64 (PF); also matched by qemu-aarch64, which the kernel never reaches (it uses the newest registration)\nWHO\n\
              == nixqimg first, qemu after\nnixqimg-aarch64: registered for aarch64-linux\n\
+             nixqimg-aarch64-qemu: registered for aarch64-linux\n\
              aarch64-linux: served by qemu-aarch64 (F); also matched by nixqimg-aarch64, which the kernel never reaches (it uses the newest registration)\n{path}\n1\n"
         ),
         "stderr:\n{}",
@@ -391,6 +410,10 @@ fn register_all_runs_debians_busybox_of_every_foreign_architecture() {
     for n in ["aarch64", "armv7l", "loongarch64", "mips64el", "ppc64le", "riscv64", "s390x"] {
         let sys = if n == "ppc64le" { "powerpc64le".to_string() } else { n.to_string() };
         want += &format!("nixqimg-{n}: registered for {sys}-linux\n");
+    }
+    for n in ["aarch64", "armv7l", "loongarch64", "mips64el", "ppc64le", "riscv64", "s390x"] {
+        let sys = if n == "ppc64le" { "powerpc64le".to_string() } else { n.to_string() };
+        want += &format!("nixqimg-{n}-qemu: registered for {sys}-linux\n");
     }
     for (_, _, sys) in set {
         want += &format!("{sys} ran\nrc=0\n");

@@ -52,6 +52,17 @@ pub fn normalize_flags(flags: &str) -> Result<String> {
 /// `flags`. Fails when the kernel would reject or misparse the line: a name or interpreter holding `:`,
 /// `/`-less or non-UTF-8 interpreter path, a name that is not a plain file name, or an unknown flag.
 pub fn registration_line(arch: &Arch, name: &str, interpreter: &Path, flags: &str) -> Result<String> {
+    line_for(name, arch.magic, arch.mask, interpreter, flags)
+}
+
+/// The marker entry that carries execs from chroots and containers to a static qemu
+/// ([`crate::route`]): `:nixqimg-<arch>-qemu:M::MAGIC':MASK':QEMU:POF`.
+pub fn marker_line(arch: &Arch, qemu: &Path) -> Result<String> {
+    let (magic, mask) = crate::interp::route::magic_mask(arch);
+    line_for(&crate::interp::route::entry_name(arch), &magic, &mask, qemu, crate::interp::route::FLAGS)
+}
+
+fn line_for(name: &str, magic: &[u8], mask: &[u8], interpreter: &Path, flags: &str) -> Result<String> {
     if name.is_empty() || name == "." || name == ".." || name.contains(['/', ':', '\n']) || name.len() > 64 {
         return Err(Error::new(format!("'{name}' cannot name a binfmt_misc entry"))
             .hint("use a short name without '/', ':' or newlines, e.g. nixqimg-aarch64")
@@ -67,7 +78,7 @@ pub fn registration_line(arch: &Arch, name: &str, interpreter: &Path, flags: &st
         .code(code::USAGE));
     };
     let flags = normalize_flags(flags)?;
-    Ok(format!(":{name}:M::{}:{}:{interp}:{flags}", Arch::escaped(arch.magic), Arch::escaped(arch.mask)))
+    Ok(format!(":{name}:M::{}:{}:{interp}:{flags}", Arch::escaped(magic), Arch::escaped(mask)))
 }
 
 #[derive(Debug, clap::Args)]
@@ -213,6 +224,29 @@ pub fn plan_register(
     Ok(steps)
 }
 
+/// What `register` must do so that each of `markers` (arch, static qemu) has its marker entry
+/// ([`crate::route`]). Marker entries take no real program, so they shadow nothing.
+pub fn plan_markers(entries: &[Entry], markers: &[(&'static Arch, PathBuf)]) -> Result<Vec<Step>> {
+    let mut steps = Vec::new();
+    for (a, qemu) in markers {
+        let name = crate::interp::route::entry_name(a);
+        let line = marker_line(a, qemu)?;
+        let want = lines::parse(&line).ok_or_else(|| Error::new(format!("internal: cannot parse {line}")))?;
+        let ours = entries.iter().find(|e| e.name == name);
+        if ours.is_some_and(|o| {
+            o.enabled && o.interpreter == want.interpreter && o.flags == want.flags && o.matcher == want.matcher
+        }) {
+            steps.push(Step::Keep { name, system: a.nix_system });
+            continue;
+        }
+        if ours.is_some() {
+            steps.push(Step::Remove { name: name.clone() });
+        }
+        steps.push(Step::Register { name, system: a.nix_system, line });
+    }
+    Ok(steps)
+}
+
 /// What `unregister` must do: remove nixqimg's entries for `systems` (all of them when `None`) and
 /// re-enable, for each system left unserved, the newest disabled entry that serves it (the one
 /// `register --replace` displaced).
@@ -220,7 +254,12 @@ pub fn plan_unregister(entries: &[Entry], systems: Option<&[&'static Arch]>) -> 
     let doomed: Vec<&Entry> = entries
         .iter()
         .filter(|e| e.is_ours())
-        .filter(|e| systems.map_or(true, |s| s.iter().any(|a| e.name == entry_name(a) || e.serves(a))))
+        .filter(|e| {
+            systems.map_or(true, |s| {
+                s.iter()
+                    .any(|a| e.name == entry_name(a) || e.name == crate::interp::route::entry_name(a) || e.serves(a))
+            })
+        })
         .collect();
     let mut steps: Vec<Step> = doomed.iter().map(|e| Step::Remove { name: e.name.clone() }).collect();
     let gone = |e: &Entry| doomed.iter().any(|d| d.name == e.name);
@@ -370,13 +409,15 @@ pub fn run_register(a: RegisterArgs) -> Result<()> {
         wanted.push((*s, interp));
     }
     let mut out = std::io::stdout().lock();
+    let markers = if flags.contains('F') && !a.direct { marker_qemus(&systems, &mut out) } else { Vec::new() };
     if let Some(d) = &a.binfmt_d {
-        return write_binfmt_d(d, &wanted, &flags, a.dry_run, &mut out);
+        return write_binfmt_d(d, &wanted, &markers, &flags, a.dry_run, &mut out);
     }
     let dir = PathBuf::from(entries::DIR);
     ensure_mounted(&dir, a.mount, a.dry_run)?;
     let inst = entries::read(&dir);
-    let steps = plan_register(&inst.entries, &wanted, &flags, a.replace)?;
+    let mut steps = plan_register(&inst.entries, &wanted, &flags, a.replace)?;
+    steps.extend(plan_markers(&inst.entries, &markers)?);
     apply(&dir, &steps, a.dry_run, &mut out)?;
     if inst.mounted && !inst.enabled {
         let _ = writeln!(out, "note: binfmt_misc is disabled as a whole: echo 1 > {}/status", dir.display());
@@ -384,9 +425,37 @@ pub fn run_register(a: RegisterArgs) -> Result<()> {
     Ok(())
 }
 
+/// The static qemu for each system's marker entry; a system without one is said, not fatal: nixqimg
+/// works everywhere but in chroots and containers that lack qemu.
+pub fn marker_qemus(systems: &[&'static Arch], out: &mut dyn Write) -> Vec<(&'static Arch, PathBuf)> {
+    let mut v = Vec::new();
+    for a in systems {
+        match direct_qemu(a) {
+            Ok(q) => v.push((*a, q)),
+            Err(e) => {
+                let _ = writeln!(
+                    out,
+                    "note: {}: {} ({}); programs in chroots and containers without qemu will not run",
+                    crate::interp::route::entry_name(a),
+                    e.what,
+                    e.hint.as_deref().unwrap_or("")
+                );
+            }
+        }
+    }
+    v
+}
+
+/// The marker lines for `systems`, for a private instance (`nixqimg ns`): systems without a static
+/// qemu are left out silently (there is nobody to tell; an exec from a chroot then says what to do).
+pub fn marker_lines(systems: &[&'static Arch]) -> Vec<String> {
+    systems.iter().filter_map(|a| marker_line(a, &direct_qemu(a).ok()?).ok()).collect()
+}
+
 fn write_binfmt_d(
     dir: &Path,
     wanted: &[(&'static Arch, PathBuf)],
+    markers: &[(&'static Arch, PathBuf)],
     flags: &str,
     dry: bool,
     out: &mut dyn Write,
@@ -417,6 +486,21 @@ fn write_binfmt_d(
                 e.name,
                 a.nix_system
             );
+        }
+    }
+    for (a, qemu) in markers {
+        let name = crate::interp::route::entry_name(a);
+        let line = marker_line(a, qemu)?;
+        let file = dir.join(format!("{name}.conf"));
+        let text = format!(
+            "# {}: qemu for nixqimg in chroots and containers; written by 'nixqimg register --binfmt-d'\n{line}\n",
+            a.nix_system
+        );
+        if dry {
+            let _ = writeln!(out, "would write {}: {line}", file.display());
+        } else {
+            std::fs::write(&file, text).map_err(|e| Error::io(&file, e))?;
+            let _ = writeln!(out, "{}: written for {}", file.display(), a.nix_system);
         }
     }
     let _ = writeln!(out, "apply with: systemctl restart systemd-binfmt");

@@ -157,11 +157,16 @@ pub fn spawn(spec: &Spec, argv: &[OsString], stdout: Option<OwnedFd>, stderr: Op
     if !kernel_supports(&release) {
         return Err(NsError::OldKernel(release).into());
     }
-    let lines: Vec<String> = spec
+    let mut lines: Vec<String> = spec
         .arches
         .iter()
         .map(|a| crate::binfmt::registration_line(a, &crate::binfmt::entry_name(a), &spec.interpreter, &spec.flags))
         .collect::<Result<_>>()?;
+    // With F, nixqimg runs in chroots and mount namespaces that hide qemu: the marker entries carry
+    // those execs to a pinned static qemu (crate::route).
+    if spec.flags.to_ascii_uppercase().contains('F') {
+        lines.extend(crate::binfmt::marker_lines(&spec.arches));
+    }
     let cargv: Vec<CString> = argv
         .iter()
         .map(|a| CString::new(a.as_bytes()).map_err(|_| NsError::Nul(a.to_string_lossy().into_owned())))

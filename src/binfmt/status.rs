@@ -40,6 +40,9 @@ pub struct EntryStatus {
     pub flags: String,
     /// Nix systems whose programs this entry matches.
     pub systems: Vec<&'static str>,
+    /// For nixqimg's qemu marker entries (`nixqimg-<arch>-qemu`): the systems whose execs from
+    /// chroots and containers without qemu this entry carries to its qemu (see README).
+    pub carries: Vec<&'static str>,
     /// Registration order (from the directory's listing order): larger is newer, and the kernel tries newer first.
     pub order: u64,
 }
@@ -62,6 +65,24 @@ pub struct SystemStatus {
     pub disabled: Vec<String>,
     /// More than one enabled entry matches.
     pub conflict: bool,
+    /// The enabled marker entry that carries this system's execs from chroots and containers
+    /// without qemu to a pinned qemu, if any.
+    pub chroot_qemu: Option<String>,
+}
+
+/// Systems whose marked copies (crate::route) `e` takes.
+fn carries(e: &Entry) -> Vec<&'static str> {
+    ARCHES
+        .iter()
+        .filter(|a| {
+            [2u16, 3].iter().any(|&t| {
+                let mut h = entries::header(a, t);
+                h[crate::interp::route::MARKER_AT] = crate::interp::route::MARKER;
+                e.matches(&h)
+            })
+        })
+        .map(|a| a.nix_system)
+        .collect()
 }
 
 fn hex(b: &[u8]) -> String {
@@ -93,6 +114,7 @@ pub fn build(path: &Path, inst: &Instance, natives: &[Native], exists: &dyn Fn(&
                 interpreter_exists: exists(&e.interpreter),
                 flags: e.flags.clone(),
                 systems: e.systems().iter().map(|a| a.nix_system).collect(),
+                carries: if e.is_ours() { carries(e) } else { Vec::new() },
                 order: e.order,
             }
         })
@@ -115,6 +137,11 @@ pub fn build(path: &Path, inst: &Instance, natives: &[Native], exists: &dyn Fn(&
                 shadowed: on.iter().skip(1).map(|e| e.name.clone()).collect(),
                 disabled: inst.entries.iter().filter(|e| !e.enabled && e.serves(a)).map(|e| e.name.clone()).collect(),
                 conflict: on.len() > 1,
+                chroot_qemu: inst
+                    .entries
+                    .iter()
+                    .find(|e| e.enabled && e.is_ours() && carries(e).contains(&a.nix_system))
+                    .map(|e| e.name.clone()),
             }
         })
         .collect();

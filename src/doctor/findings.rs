@@ -108,6 +108,18 @@ fn system(h: &Host, s: &SystemFact, out: &mut Vec<Finding>) {
             Some("install qemu-user-static (or set qemu_dir in nixqimg.conf beside nixqimg)".into()),
         ));
     }
+    if s.served_by_nixqimg && flags.contains('F') && s.chroot_qemu.is_none() {
+        out.push(finding(
+            "warning",
+            s.system,
+            format!(
+                "no {} entry: in a chroot or container that holds no qemu, {} programs fail (nixqimg is pinned by F, qemu is not)",
+                crate::interp::route::entry_name(arch::by_name(s.system).unwrap_or(arch::host())),
+                s.system
+            ),
+            Some(format!("nixqimg register --replace {} (with a static qemu installed)", s.system)),
+        ));
+    }
     if h.binfmt_scope == "container" && !flags.contains('F') {
         out.push(finding(
             "warning",

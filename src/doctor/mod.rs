@@ -106,6 +106,8 @@ pub struct SystemFact {
     pub qemu: Option<String>,
     pub qemu_static: Option<bool>,
     pub qemu_version: Option<String>,
+    /// nixqimg's marker entry that carries execs from chroots and containers without qemu.
+    pub chroot_qemu: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -489,6 +491,7 @@ fn host_facts(page_size: u64, inst: &entries::Instance, natives: &[native::Nativ
                 qemu_version: q.as_deref().and_then(qemu_version),
                 qemu: q.map(|q| q.display().to_string()),
                 qemu_static,
+                chroot_qemu: s.chroot_qemu.clone(),
             }
         })
         .collect();
@@ -657,6 +660,7 @@ mod tests {
             qemu: Some("/usr/bin/qemu-aarch64-static".into()),
             qemu_static: Some(true),
             qemu_version: None,
+            chroot_qemu: None,
         }
     }
 

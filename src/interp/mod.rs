@@ -16,6 +16,7 @@ pub mod exec;
 #[cfg(test)]
 mod fuzz;
 pub mod plan;
+pub mod route;
 
 use crate::arch::Arch;
 use crate::error::code;
@@ -133,6 +134,9 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
         })?;
         (ManuallyDrop::new(f), path.clone())
     };
+    // qemu answers the guest's /proc/self/exe from the path it was given, resolved when asked: a
+    // relative one breaks as soon as the program changes directory (qemu 7.2). Hand it an absolute one.
+    let program = absolute(program);
     let facts = elf::read(&file).map_err(|e| Fail {
         what: e.to_string(),
         hint: match e {
@@ -143,16 +147,9 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
         code: code::CANNOT_EXEC,
     })?;
     tracing::debug!(arch = facts.arch.name, interp = ?facts.interp.as_deref().map(String::from_utf8_lossy), "elf");
-    let qemu = find_qemu(&cfg, facts.arch, &RealProbe).ok_or_else(|| Fail {
-        what: format!(
-            "no qemu-{} or qemu-{}-static in {}",
-            facts.arch.qemu,
-            facts.arch.qemu,
-            join_dirs(&cfg.qemu_dirs)
-        ),
-        hint: no_qemu_hint(std::env::var_os("NIX_BUILD_TOP").is_some(), exec::chrooted()),
-        code: code::NOT_FOUND,
-    })?;
+    // No qemu visible (a chroot or container holding neither nixqimg nor qemu): the exec goes to the
+    // qemu that nixqimg's marker entry pinned (crate::route).
+    let qemu = find_qemu(&cfg, facts.arch, &RealProbe);
     let req = Request {
         program: &program,
         path,
@@ -160,7 +157,7 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
         args: &args[3..],
         env: environ(),
         facts: &facts,
-        qemu,
+        qemu: qemu.clone().unwrap_or_default(),
         strategy: cfg.strategy,
         sysroots: &cfg.sysroots,
         page_size: exec::page_size(),
@@ -173,6 +170,24 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
         },
         code: code::NOT_FOUND,
     })?;
+    if qemu.is_none() {
+        let r = route::routed(&req, &plan, &RealProbe);
+        tracing::debug!(file = ?r.file, argv = ?r.argv, why = ?plan.why, "routed exec");
+        let e = route::exec(&r);
+        let (what, mut hint) = e.describe(facts.arch, &join_dirs(&cfg.qemu_dirs));
+        if matches!(e, route::RouteError::NoEntry) && std::env::var_os("NIX_BUILD_TOP").is_some() {
+            hint = no_qemu_hint(true, None).to_string();
+        }
+        return Err(Fail {
+            what: if hint.is_empty() { what } else { format!("{what} ({hint})") },
+            hint: "",
+            code: if matches!(e, route::RouteError::NoEntry | route::RouteError::NoProc) {
+                code::NOT_FOUND
+            } else {
+                code::CANNOT_EXEC
+            },
+        });
+    }
     tracing::debug!(argv = ?plan.argv, why = ?plan.why, "exec");
     let e = exec::exec(&plan);
     Err(Fail {
@@ -180,6 +195,17 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
         what: format!("cannot exec {}: {e}", plan.exe.display()),
         hint: "inside a Nix sandbox qemu must be visible: add it to extra-sandbox-paths (see 'nixqimg nix-config')",
     })
+}
+
+/// `p` made absolute against the working directory (unchanged if absolute, or if there is none).
+fn absolute(p: OsString) -> OsString {
+    if p.as_bytes().first() == Some(&b'/') {
+        return p;
+    }
+    match std::env::current_dir() {
+        Ok(d) => d.join(&p).into_os_string(),
+        Err(_) => p,
+    }
 }
 
 /// Does `path` open, for reading by us, the very file `f` is (same device and inode)?

@@ -177,6 +177,7 @@ pub fn module_table() -> String {
     let entries: Vec<serde_json::Value> = ARCHES
         .iter()
         .map(|a| {
+            let (marker_magic, marker_mask) = crate::interp::route::magic_mask(a);
             serde_json::json!({
                 "system": a.nix_system,
                 "name": a.name,
@@ -185,6 +186,10 @@ pub fn module_table() -> String {
                 "family": format!("{:?}", a.family),
                 "magic": Arch::escaped(a.magic),
                 "mask": Arch::escaped(a.mask),
+                "markerEntryName": crate::interp::route::entry_name(a),
+                "markerMagic": Arch::escaped(&marker_magic),
+                "markerMask": Arch::escaped(&marker_mask),
+                "markerFlags": crate::interp::route::FLAGS,
             })
         })
         .collect();

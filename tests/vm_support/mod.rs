@@ -28,6 +28,8 @@ pub struct Parts {
     pub load_3ff: String,
     pub load_3fc: String,
     pub load_400: String,
+    /// `patchelf --page-size 65536`: 64K-aligned.
+    pub load_3f0: String,
     out: PathBuf,
 }
 
@@ -107,8 +109,45 @@ fn assemble() -> Parts {
         load_3ff: get("load_3ff"),
         load_3fc: get("load_3fc"),
         load_400: get("load_400"),
+        load_3f0: get("load_3f0"),
         out,
     }
+}
+
+/// The 64K-page arm64 kernel: Debian has none, so tests/support/build-kernel-64k builds one from
+/// Debian's kernel source (cached under /var/cache/nixqimg-tests/kernel-64k; a cold build is
+/// ~20-40 min on two busy cores, bounded at 60 min by the script).
+pub fn kernel_64k() -> &'static Path {
+    static K: OnceLock<PathBuf> = OnceLock::new();
+    K.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/build-kernel-64k");
+        let start = Instant::now();
+        let res = Command::new("timeout")
+            .arg("3700")
+            .arg(&script)
+            .arg("/var/cache/nixqimg-tests/kernel-64k")
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            res.status.success(),
+            "{} failed ({}): the 64K kernel could not be built",
+            script.display(),
+            res.status
+        );
+        eprintln!("the 64K kernel took {:?} (cached after the first build)", start.elapsed());
+        let text = String::from_utf8_lossy(&res.stdout).into_owned();
+        let k = text
+            .lines()
+            .find_map(|l| l.strip_prefix("kernel64k="))
+            .unwrap_or_else(|| panic!("no kernel64k= in:\n{text}"));
+        PathBuf::from(k)
+    })
+}
+
+pub fn boot_64k() -> &'static Boot {
+    static B: OnceLock<Boot> = OnceLock::new();
+    B.get_or_init(|| boot(kernel_64k(), "64k"))
 }
 
 /// Kills and reaps the VM whatever happens to the test.
