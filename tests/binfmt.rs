@@ -400,21 +400,21 @@ fn register_all_runs_debians_busybox_of_every_foreign_architecture() {
     let pkgs: Vec<String> = set.iter().map(|s| format!("busybox-static:{}", s.1)).collect();
     let st = std::process::Command::new(&fetch).arg("trixie").arg(cache.join("trixie")).args(&pkgs).status().unwrap();
     assert!(st.success(), "fetch-debs trixie {pkgs:?} failed");
-    let mut script = String::from("\"$NQ\" register --all | sort\n");
+    let mut script = String::from("\"$NQ\" register --all | LC_ALL=C sort\n");
     for (suite, arch, sys) in set {
         let bb = cache.join(suite).join(format!("root/busybox-static_{arch}/usr/bin/busybox"));
         script += &format!("{} echo {sys} ran; echo \"rc=$?\"\n", q(&bb));
     }
     let out = ns(&script, &[], T);
-    let mut want = String::new();
+    // Each system's entry and its qemu marker entry, in `LC_ALL=C sort`'s byte order.
+    let mut lines = Vec::new();
     for n in ["aarch64", "armv7l", "loongarch64", "mips64el", "ppc64le", "riscv64", "s390x"] {
         let sys = if n == "ppc64le" { "powerpc64le".to_string() } else { n.to_string() };
-        want += &format!("nixqimg-{n}: registered for {sys}-linux\n");
+        lines.push(format!("nixqimg-{n}: registered for {sys}-linux\n"));
+        lines.push(format!("nixqimg-{n}-qemu: registered for {sys}-linux\n"));
     }
-    for n in ["aarch64", "armv7l", "loongarch64", "mips64el", "ppc64le", "riscv64", "s390x"] {
-        let sys = if n == "ppc64le" { "powerpc64le".to_string() } else { n.to_string() };
-        want += &format!("nixqimg-{n}-qemu: registered for {sys}-linux\n");
-    }
+    lines.sort();
+    let mut want = lines.concat();
     for (_, _, sys) in set {
         want += &format!("{sys} ran\nrc=0\n");
     }
