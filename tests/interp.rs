@@ -252,7 +252,8 @@ cd "$D"
 for f in *; do
   timeout -k 2 20 "./$f" >/dev/null 2>"../err-$f"; rc=$?
   printf '%s %s %s\n' "$f" "$rc" "$(wc -l < "../err-$f")"
-  head -c 300 "../err-$f" | head -n 1 | sed "s/^/  $f: /"
+  # Always one line, however long the message (ld.so's name the fixture's path twice).
+  printf '  %s: %s\n' "$f" "$(head -n 1 "../err-$f" | cut -c 1-300)"
 done
 "#;
     let out =
