@@ -284,13 +284,7 @@ fn binary(b: &Binary, out: &mut Vec<Finding>) {
                 format!(
                     "run {}: {}{}",
                     t.strategy,
-                    if t.timed_out {
-                        "timed out".to_string()
-                    } else if let Some(e) = &t.error {
-                        e.clone()
-                    } else {
-                        status_text(t.exit_code, t.signal)
-                    },
+                    t.outcome(),
                     if said.is_empty() { String::new() } else { format!(": {said}") }
                 ),
                 None,

@@ -565,12 +565,20 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// How a `--try` run ended, in words.
-fn status_text(code: Option<i32>, signal: Option<i32>) -> String {
-    match (code, signal) {
-        (Some(c), _) => format!("exit {c}"),
-        (None, Some(s)) => format!("killed by signal {s}"),
-        (None, None) => "no exit status".to_string(),
+impl Try {
+    /// How the run ended, in words: the report and the findings say it the same way.
+    fn outcome(&self) -> String {
+        if self.timed_out {
+            return "timed out".to_string();
+        }
+        if let Some(e) = &self.error {
+            return e.clone();
+        }
+        match (self.exit_code, self.signal) {
+            (Some(c), _) => format!("exit {c}"),
+            (None, Some(s)) => format!("killed by signal {s}"),
+            (None, None) => "no exit status".to_string(),
+        }
     }
 }
 

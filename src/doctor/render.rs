@@ -138,18 +138,7 @@ fn binary(o: &mut String, b: &Binary) {
         }
     }
     for t in &b.tries {
-        let _ = writeln!(
-            o,
-            "  try {}: {}",
-            t.strategy,
-            if t.timed_out {
-                "timed out".to_string()
-            } else if let Some(e) = &t.error {
-                e.clone()
-            } else {
-                status_text(t.exit_code, t.signal)
-            }
-        );
+        let _ = writeln!(o, "  try {}: {}", t.strategy, t.outcome());
         for (tag, text) in [("stdout", &t.stdout), ("stderr", &t.stderr)] {
             for l in text.lines().take(10) {
                 let _ = writeln!(o, "    {tag}: {l}");
