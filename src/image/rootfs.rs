@@ -1,6 +1,15 @@
-//! The root filesystem: the closure staged at its own absolute paths (copied, so hard links of an
-//! optimised store do not leak into the image), NixOS's first-boot state (system profile, Nix database,
-//! /etc/NIXOS), then e2fsprogs' `mkfs.ext4 -d` straight into the image at the partition's offset.
+//! The root filesystem: the closure staged at its own absolute paths, NixOS's first-boot state (system
+//! profile, Nix database, /etc/NIXOS), then e2fsprogs' `mkfs.ext4 -d` straight into the image at the
+//! partition's offset.
+//!
+//! Staging links a store file rather than copying it (the copy was most of `image`'s time) whenever
+//! mkfs.ext4 -d then reads exactly what a copy would give it: same content, same mode (a store file
+//! has no setuid bits to drop), no extended attributes (mkfs copies those), and an inode not staged
+//! under another name yet: an optimised store's shared inodes get a copy for each further name, so
+//! they do not become hard links in the image. Everything a link does differ in (owner, times, link
+//! count) the pass below overwrites, so the bytes are the same either way (tests/image.rs builds one
+//! image linking as root and one copying as nobody, whom fs.protected_hardlinks refuses, and compares
+//! them). Another filesystem or a refused link falls back to copying.
 //!
 //! `mkfs.ext4 -d` copies each file's owner and ctime from the staging tree, so an image staged by a
 //! non-root builder (or in a Nix sandbox, where the store shows as 65534) would carry those owners, and
@@ -32,8 +41,51 @@ fn mkdir(p: &Path, mode: u32) -> Result<()> {
     io(p, fs::set_permissions(p, fs::Permissions::from_mode(mode)))
 }
 
-/// Copies one store path (file, directory or symlink) to the same path under `root`.
-fn copy_tree(src: &Path, dst: &Path, st: &mut Staged, tick: &mut dyn FnMut(u64)) -> Result<()> {
+/// Whether a store file may be linked into the staging tree instead of copied (see the top).
+struct Links {
+    on: bool,
+    dev: u64,
+    seen: std::collections::HashSet<(u64, u64)>,
+}
+
+impl Links {
+    fn new(root: &Path) -> Links {
+        match fs::metadata(root) {
+            Ok(m) => Links { on: true, dev: m.dev(), seen: Default::default() },
+            Err(_) => Links { on: false, dev: 0, seen: Default::default() },
+        }
+    }
+
+    fn link(&mut self, src: &Path, dst: &Path, meta: &fs::Metadata) -> bool {
+        if !self.on || meta.dev() != self.dev || meta.mode() & 0o7000 != 0 {
+            return false;
+        }
+        if !self.seen.insert((meta.dev(), meta.ino())) || has_xattrs(src) {
+            return false;
+        }
+        match fs::hard_link(src, dst) {
+            Ok(()) => true,
+            Err(e) => {
+                // EPERM (fs.protected_hardlinks: not our file) or EXDEV will not change for the rest.
+                if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EXDEV)) {
+                    self.on = false;
+                }
+                false
+            }
+        }
+    }
+}
+
+fn has_xattrs(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else { return true };
+    // SAFETY: c is a valid NUL-terminated path; a null list with size 0 only asks for the length.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
+    n != 0
+}
+
+/// Stages one store path (file, directory or symlink) at the same path under `root`.
+fn copy_tree(src: &Path, dst: &Path, st: &mut Staged, links: &mut Links, tick: &mut dyn FnMut(u64)) -> Result<()> {
     let meta = io(src, fs::symlink_metadata(src))?;
     let ft = meta.file_type();
     st.inodes += 1;
@@ -44,9 +96,11 @@ fn copy_tree(src: &Path, dst: &Path, st: &mut Staged, tick: &mut dyn FnMut(u64))
             st.data += BLOCK;
         }
     } else if ft.is_file() {
-        io(dst, fs::copy(src, dst))?;
-        // Only the permission bits a store file can have: no setuid/setgid leaks from the builder.
-        io(dst, fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o777)))?;
+        if !links.link(src, dst, &meta) {
+            io(dst, fs::copy(src, dst))?;
+            // Only the permission bits a store file can have: no setuid/setgid leaks from the builder.
+            io(dst, fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o777)))?;
+        }
         st.data += meta.len().div_ceil(BLOCK) * BLOCK;
         tick(meta.len());
     } else if ft.is_dir() {
@@ -58,7 +112,7 @@ fn copy_tree(src: &Path, dst: &Path, st: &mut Staged, tick: &mut dyn FnMut(u64))
         names.sort();
         st.data += (names.len() as u64 * 64).div_ceil(BLOCK).max(1) * BLOCK;
         for n in names {
-            copy_tree(&src.join(&n), &dst.join(&n), st, tick)?;
+            copy_tree(&src.join(&n), &dst.join(&n), st, links, tick)?;
         }
         io(dst, fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o777)))?;
     } else {
@@ -96,9 +150,10 @@ pub fn stage(
         mkdir(&dir, if dir == under(root, store_dir) { 0o1775 } else { 0o755 })?;
         st.inodes += 1;
     }
+    let mut links = Links::new(root);
     for p in &closure.paths {
         let src = Path::new(&p.path);
-        copy_tree(src, &under(root, src), &mut st, tick)?;
+        copy_tree(src, &under(root, src), &mut st, &mut links, tick)?;
     }
     for d in [
         "nix",
