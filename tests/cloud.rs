@@ -166,8 +166,8 @@ fn field<'a>(report: &'a str, key: &str) -> &'a str {
 }
 
 /// Logs in with the seed's key and checks what cloud-init and systemd did on this first boot.
-fn check(g: &mut Guest, hostname: &str, datasource: &str, firmware: &str) -> Made {
-    let login = g.wait_for_login(Duration::from_secs(600)).unwrap_or_else(|e| panic!("{e}"));
+fn check(g: &mut Guest, hostname: &str, datasource: &str, firmware: &str, within: u64) -> Made {
+    let login = g.wait_for_login(Duration::from_secs(within)).unwrap_or_else(|e| panic!("{e}"));
     // cloud-final may still run when sshd already lets us in.
     let (code, wait) =
         g.ssh("cloud-init status --wait >/dev/null; systemctl is-system-running --wait >/dev/null; true");
@@ -209,7 +209,8 @@ fn check(g: &mut Guest, hostname: &str, datasource: &str, firmware: &str) -> Mad
     Made { machine_id: id.to_string(), host_key: host_key.to_string() }
 }
 
-fn boot_and_check(img: &Path, dir: &Tmp, name: &str, extra: &[&str], firmware: &str) -> Made {
+/// `timeout`: the whole run's limit; the login must work 300 s before it.
+fn boot_and_check(img: &Path, dir: &Tmp, name: &str, extra: &[&str], firmware: &str, timeout: u64) -> Made {
     let _one = VM.lock().unwrap_or_else(|e| e.into_inner());
     let key = keypair(&{
         let d = dir.join(name);
@@ -220,8 +221,8 @@ fn boot_and_check(img: &Path, dir: &Tmp, name: &str, extra: &[&str], firmware: &
     let log = dir.join(format!("{name}.console"));
     let mut args = vec!["--seed", seed.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let mut g = Guest::boot(img, &key, &log, &args, 900);
-    let made = check(&mut g, name, "DataSourceNoCloud [seed=dmi,/dev/vdb][dsmode=local]", firmware);
+    let mut g = Guest::boot(img, &key, &log, &args, timeout);
+    let made = check(&mut g, name, "DataSourceNoCloud [seed=dmi,/dev/vdb][dsmode=local]", firmware, timeout - 300);
     let st = g.poweroff();
     eprintln!("{name}: powered off after {:.1}s ({st})", g.started.elapsed().as_secs_f64());
     assert!(st.success(), "nixqimg run did not see the guest power off: {st}\n{}", g.console());
@@ -234,8 +235,8 @@ fn boot_and_check(img: &Path, dir: &Tmp, name: &str, extra: &[&str], firmware: &
 fn x86_64_trixie_userland_boots_under_ovmf_and_seabios_from_one_hybrid_image() {
     let dir = Tmp::new("x86_64");
     let img = image(&dir, "x86_64", "hybrid");
-    let uefi = boot_and_check(&img, &dir, "web-1", &[], "uefi");
-    let bios = boot_and_check(&img, &dir, "web-2", &["--firmware", "bios"], "bios");
+    let uefi = boot_and_check(&img, &dir, "web-1", &[], "uefi", 900);
+    let bios = boot_and_check(&img, &dir, "web-2", &["--firmware", "bios"], "bios", 900);
     assert_ne!(uefi.machine_id, bios.machine_id, "two first boots of one image share a machine-id");
     assert_ne!(uefi.host_key, bios.host_key, "two first boots of one image share an SSH host key");
 }
@@ -268,6 +269,60 @@ fn fixture_cloud_init_settings_are_the_cloud_image_modules() {
     }
     for (setting, value) in [("users", "[root]"), ("disable_root", "false"), ("preserve_hostname", "false")] {
         assert!(cfg.lines().any(|l| l == format!("{setting}: {value}")), "the fixture lacks {setting}: {value}");
+    }
+}
+
+/// aarch64 under AAVMF: the arm64 userland (its maintainer scripts ran through nixqimg in
+/// tests/support/debian-root), assembled on this machine without emulation, booted under TCG.
+#[test]
+fn aarch64_trixie_userland_boots_under_aavmf() {
+    let dir = Tmp::new("aarch64");
+    let img = image(&dir, "aarch64", "uefi");
+    // An emulated arm64 CPU on x86_64 (TCG) boots several times slower than an x86_64 one.
+    boot_and_check(&img, &dir, "arm-1", &[], "uefi", 2100);
+}
+
+/// The README's first command, as the README spells it, run from the repository root: it must end in
+/// an SSH login that shows what cloud-init did, and a powered-off guest.
+#[test]
+fn readme_first_command_builds_boots_and_logs_in() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let first = readme
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.lines().next())
+        .and_then(|l| l.split('#').next())
+        .map(str::trim)
+        .expect("the README has a first sh block");
+    assert_eq!(first, "tests/support/cloud-demo", "the README's first command changed: update this test");
+    let _one = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let start = std::time::Instant::now();
+    // The nixqimg under test instead of a second static build of the same source.
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(first)
+        .current_dir(root)
+        .env("NIXQIMG", cloud_support::NIXQIMG)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{first} ({:.1}s):\n{stdout}{stderr}", start.elapsed().as_secs_f64());
+    assert!(out.status.success(), "{first} failed ({})", out.status);
+    for want in [
+        "stands in for a NixOS closure",
+        "==> nixqimg image --toplevel ... --out nixos-aarch64.qcow2",
+        "==> logged in as root over SSH after ",
+        "    hostname:        demo-1",
+        "    cloud-init:      done",
+        "    datasource:      DataSourceNoCloud",
+        "    errors:          []",
+        "    write_files:     /etc/motd: made by cloud-init from a nixqimg seed",
+        "    runcmd:          runcmd ran at ",
+        "==> done: the guest powered off",
+    ] {
+        assert!(stdout.contains(want), "no '{want}' in the output");
     }
 }
 
@@ -305,7 +360,7 @@ fn x86_64_trixie_userland_on_hetzner_style_metadata() {
     .unwrap();
     let spec = format!("hetzner:{}", md.display());
     let mut g = Guest::boot(&img, &key, &dir.join("hetzner.console"), &["--metadata", &spec], 900);
-    check(&mut g, "hetzner-1", "DataSourceHetzner", "uefi");
+    check(&mut g, "hetzner-1", "DataSourceHetzner", "uefi", 600);
     let (_, serial) = g.ssh("cat /sys/class/dmi/id/sys_vendor /sys/class/dmi/id/product_serial");
     assert_eq!(serial.split_whitespace().collect::<Vec<_>>(), ["Hetzner", "4711001"], "{serial}");
     let st = g.poweroff();
