@@ -382,6 +382,24 @@ pub(crate) mod tests {
     use super::*;
     use std::io::Write;
 
+    /// `len` bytes starting with a little-endian aarch64 ELF64 header of type `e_type` whose 3
+    /// program headers follow it at 64 (e_phoff), 56 bytes each.
+    fn header(len: usize, e_type: u16) -> Vec<u8> {
+        let mut f = vec![0u8; len];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[6] = 1;
+        f[16..18].copy_from_slice(&e_type.to_le_bytes());
+        f[18..20].copy_from_slice(&183u16.to_le_bytes());
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[32..40].copy_from_slice(&64u64.to_le_bytes());
+        f[52..54].copy_from_slice(&64u16.to_le_bytes());
+        f[54..56].copy_from_slice(&56u16.to_le_bytes());
+        f[56..58].copy_from_slice(&3u16.to_le_bytes());
+        f
+    }
+
     /// A dynamic aarch64 ET_DYN ELF64 like the hostile ones issue 12 found: PT_INTERP `interp`,
     /// DT_RUNPATH `runpath` (if any) and `needed` DT_NEEDED entries `libmissingN.so`.
     pub(crate) fn hostile(interp: &[u8], runpath: Option<&[u8]>, needed: usize) -> Vec<u8> {
@@ -400,18 +418,7 @@ pub(crate) mod tests {
             strtab.extend_from_slice(rp);
             strtab.push(0);
         }
-        let mut f = vec![0u8; str_at + strtab.len()];
-        f[..4].copy_from_slice(b"\x7fELF");
-        f[4] = 2;
-        f[5] = 1;
-        f[6] = 1;
-        f[16..18].copy_from_slice(&ET_DYN.to_le_bytes());
-        f[18..20].copy_from_slice(&183u16.to_le_bytes());
-        f[20..24].copy_from_slice(&1u32.to_le_bytes());
-        f[32..40].copy_from_slice(&64u64.to_le_bytes());
-        f[52..54].copy_from_slice(&64u16.to_le_bytes());
-        f[54..56].copy_from_slice(&56u16.to_le_bytes());
-        f[56..58].copy_from_slice(&3u16.to_le_bytes());
+        let mut f = header(str_at + strtab.len(), ET_DYN);
         let total = f.len() as u64;
         let mut ph = |i: usize, t: u32, off: u64, sz: u64| {
             let b = 64 + i * 56;
@@ -481,18 +488,7 @@ pub(crate) mod tests {
 
     /// A small but complete dynamic aarch64 ELF64: header, 4 phdrs, interp, dynamic, strtab.
     pub(crate) fn sample(interp: &[u8], e_type: u16, load: u64) -> Vec<u8> {
-        let mut f = vec![0u8; 0x400];
-        f[..4].copy_from_slice(b"\x7fELF");
-        f[4] = 2;
-        f[5] = 1;
-        f[6] = 1;
-        f[16..18].copy_from_slice(&e_type.to_le_bytes());
-        f[18..20].copy_from_slice(&183u16.to_le_bytes());
-        f[20..24].copy_from_slice(&1u32.to_le_bytes());
-        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-        f[52..54].copy_from_slice(&64u16.to_le_bytes());
-        f[54..56].copy_from_slice(&56u16.to_le_bytes());
-        f[56..58].copy_from_slice(&3u16.to_le_bytes());
+        let mut f = header(0x400, e_type);
         let ph = |f: &mut Vec<u8>, i: usize, t: u32, off: u64, vaddr: u64, sz: u64| {
             let b = 64 + i * 56;
             f[b..b + 4].copy_from_slice(&t.to_le_bytes());
