@@ -142,6 +142,7 @@ fn exec_cmd(a: ExecArgs) -> Result<()> {
         sysroots: &cfg.sysroots,
         page_size: exec::page_size(),
         secure: false,
+        explain: true,
     };
     let plan = plan::plan(&req, &RealProbe).map_err(|e| Error::new(format!("{shown}: {e}")).code(code::NOT_FOUND))?;
     if a.explain {

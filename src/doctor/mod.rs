@@ -251,6 +251,7 @@ fn plan_for(path: &Path, facts: &ElfFacts, strategy: Strategy, page_size: u64) -
         sysroots: &cfg.sysroots,
         page_size,
         secure: false,
+        explain: true,
     };
     plan::plan(&req, &RealProbe).map_err(|e| Error::new(e.to_string()))
 }

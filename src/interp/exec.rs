@@ -2,7 +2,6 @@
 //! `exec` only builds C strings and calls execve; it returns only when that failed.
 
 use crate::interp::plan::{Plan, Probe};
-use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -77,27 +76,35 @@ pub fn page_size() -> u64 {
     }
 }
 
-fn cstring(s: &OsStr) -> io::Result<CString> {
-    CString::new(s.as_bytes()).map_err(|_| {
-        io::Error::new(io::ErrorKind::InvalidInput, "an argument or environment entry contains a NUL byte")
-    })
-}
-
 /// Replaces this process with the plan's program. Returns only the error of a failed exec.
+///
+/// Every string goes into one NUL-separated buffer with one pointer array per list: a CString each
+/// (an allocation, a copy and a NUL scan per argument and environment entry) was the largest part of
+/// the interpreter's own work before its execve.
 pub fn exec(plan: &Plan) -> io::Error {
-    let build = || -> io::Result<(CString, Vec<CString>, Vec<CString>)> {
-        let exe = cstring(plan.exe.as_os_str())?;
-        let argv = plan.argv.iter().map(|a| cstring(a)).collect::<io::Result<Vec<_>>>()?;
-        let env = plan.env.iter().map(|a| cstring(a)).collect::<io::Result<Vec<_>>>()?;
-        Ok((exe, argv, env))
+    let all = || {
+        std::iter::once(plan.exe.as_os_str())
+            .chain(plan.argv.iter().map(|a| a.as_os_str()))
+            .chain(plan.env.iter().map(|e| e.as_os_str()))
     };
-    match build() {
-        Ok((exe, argv, env)) => match nix::unistd::execve(&exe, &argv, &env) {
-            Err(e) => io::Error::from_raw_os_error(e as i32),
-            Ok(never) => match never {},
-        },
-        Err(e) => e,
+    let mut buf: Vec<u8> = Vec::with_capacity(all().map(|s| s.len() + 1).sum());
+    let mut starts = Vec::with_capacity(1 + plan.argv.len() + plan.env.len());
+    for s in all() {
+        if s.as_bytes().contains(&0) {
+            return io::Error::new(io::ErrorKind::InvalidInput, "an argument or environment entry contains a NUL byte");
+        }
+        starts.push(buf.len());
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(0);
     }
+    let at = |i: usize| buf[starts[i]..].as_ptr().cast::<libc::c_char>();
+    let list = |r: std::ops::Range<usize>| r.map(at).chain(std::iter::once(std::ptr::null())).collect::<Vec<_>>();
+    let argv = list(1..1 + plan.argv.len());
+    let envp = list(1 + plan.argv.len()..starts.len());
+    // SAFETY: every pointer is into `buf`, which holds each string followed by its NUL and is neither
+    // moved nor freed before execve returns; both arrays end with a null pointer, as execve requires.
+    unsafe { libc::execve(at(0), argv.as_ptr(), envp.as_ptr()) };
+    io::Error::last_os_error()
 }
 
 /// Is this process chrooted? Its root differs from init's (`/proc/1/root`), or, where init's root

@@ -111,6 +111,7 @@ fn check(file: &File, salt: u64) -> Option<Finding> {
             sysroots: &sysroots,
             page_size: 16384,
             secure: false,
+            explain: true,
         };
         fs.count.set(0);
         match plan::plan(&req, &fs) {

@@ -103,8 +103,10 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
     }
     let secure = exec::auxv(libc::AT_SECURE) != 0;
     let execfd = exec::auxv(libc::AT_EXECFD);
-    let self_exe = std::fs::read_link("/proc/self/exe").ok();
-    let env: &dyn config::Env = if secure { &config::NoEnv } else { &config::ProcessEnv };
+    let self_exe = own_path(&args[0]);
+    let environ = environ();
+    let entries = config::Entries::new(&environ);
+    let env: &dyn config::Env = if secure { &config::NoEnv } else { &entries };
     let cfg = config::load(self_exe.as_deref(), env, secure);
     let _log = crate::logging::init(cfg.log.as_deref(), cfg.log_file.as_deref());
 
@@ -155,13 +157,14 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
         path,
         argv0: &args[2],
         args: &args[3..],
-        env: environ(),
+        env: environ,
         facts: &facts,
         qemu: qemu.clone().unwrap_or_default(),
         strategy: cfg.strategy,
         sysroots: &cfg.sysroots,
         page_size: exec::page_size(),
         secure,
+        explain: cfg.log.is_some(),
     };
     let plan = plan::plan(&req, &RealProbe).map_err(|e| Fail {
         what: e.to_string(),
@@ -195,6 +198,20 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
         what: format!("cannot exec {}: {e}", plan.exe.display()),
         hint: "inside a Nix sandbox qemu must be visible: add it to extra-sandbox-paths (see 'nixqimg nix-config')",
     })
+}
+
+/// nixqimg's own path, whose directory holds nixqimg.conf and may hold qemu. Under P the kernel's
+/// argv[0] is the interpreter path as registered; when that is an absolute path naming a regular file
+/// (not a symlink) it is this file, and one lstat on it is cheap. Reading /proc/self/exe instead
+/// cost between 4 and 40 us per exec in A/B runs of benches/interp's setup (procfs sets up the new
+/// process's entries); it stays the answer for a symlink, the `nixqimg-binfmt` link included, or a
+/// relative or vanished path.
+fn own_path(argv0: &OsStr) -> Option<PathBuf> {
+    let p = Path::new(argv0);
+    if p.is_absolute() && std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file()) {
+        return Some(p.to_path_buf());
+    }
+    std::fs::read_link("/proc/self/exe").ok()
 }
 
 /// `p` made absolute against the working directory (unchanged if absolute, or if there is none).
@@ -233,7 +250,15 @@ fn join_dirs(d: &[PathBuf]) -> String {
 /// First `qemu-<arch>-static` or `qemu-<arch>` in the configured directories (static first: it also
 /// works inside a Nix sandbox, where a dynamic qemu's libraries are not visible).
 pub fn find_qemu(cfg: &Config, arch: &Arch, probe: &dyn Probe) -> Option<PathBuf> {
-    let names = [format!("qemu-{}-static", arch.qemu), format!("qemu-{}", arch.qemu)];
+    // Built by hand, not with format!: nothing on the interpreter's success path touches core::fmt,
+    // whose code would be paged in for two short names.
+    let name = |suffix: &str| {
+        let mut n = OsString::from("qemu-");
+        n.push(arch.qemu);
+        n.push(suffix);
+        n
+    };
+    let names = [name("-static"), name("")];
     cfg.qemu_dirs.iter().find_map(|d| names.iter().map(|n| d.join(n)).find(|p| probe.is_file(p)))
 }
 

@@ -126,6 +126,9 @@ pub struct Request<'a> {
     pub page_size: u64,
     /// AT_SECURE: strip everything that could steer qemu.
     pub secure: bool,
+    /// Fill [`Plan::why`]: `--explain`, doctor and logging read it; the interpreter's hot path would
+    /// spend a tenth of its instructions formatting lines nobody reads.
+    pub explain: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,12 +237,7 @@ fn sysroots(req: &Request) -> Vec<PathBuf> {
 
 /// Where the program's loader really is: PT_INTERP itself, else the same file name in the program's
 /// bootstrap-tools tree, its RUNPATH directories, or a sysroot.
-fn find_loader(
-    req: &Request,
-    probe: &Budget,
-    interp: &Path,
-    why: &mut Vec<String>,
-) -> Result<(PathBuf, bool), PlanError> {
+fn find_loader(req: &Request, probe: &Budget, interp: &Path, why: &mut Why) -> Result<(PathBuf, bool), PlanError> {
     if probe.is_file(interp) {
         return Ok((interp.to_path_buf(), false));
     }
@@ -263,12 +261,12 @@ fn find_loader(
             let lib = root.join("lib");
             for n in [name.as_path(), Path::new(arch.loader)] {
                 if let Some(l) = try_at(lib.join(n), &mut looked) {
-                    why.push(format!("program lies in bootstrap-tools tree {}", root.display()));
+                    why.push(|| format!("program lies in bootstrap-tools tree {}", root.display()));
                     return Ok((l, true));
                 }
             }
             if let Some(l) = probe.list(&lib, b"ld-").into_iter().find(|c| c.as_os_str().as_bytes().contains(&b'.')) {
-                why.push(format!("program lies in bootstrap-tools tree {}", root.display()));
+                why.push(|| format!("program lies in bootstrap-tools tree {}", root.display()));
                 return Ok((l, true));
             }
         }
@@ -279,7 +277,7 @@ fn find_loader(
                 break;
             }
             if let Some(l) = try_at(d.join(&name), &mut looked) {
-                why.push(format!("loader found in the program's RUNPATH/RPATH directory {}", d.display()));
+                why.push(|| format!("loader found in the program's RUNPATH/RPATH directory {}", d.display()));
                 return Ok((l, true));
             }
         }
@@ -290,7 +288,7 @@ fn find_loader(
         let rel = interp.strip_prefix("/").unwrap_or(interp);
         for cand in [root.join(rel), root.join("lib").join(&name), root.join("lib64").join(&name)] {
             if probe.inner.is_file(&cand) {
-                why.push(format!("loader found in sysroot {}", root.display()));
+                why.push(|| format!("loader found in sysroot {}", root.display()));
                 return Ok((cand, true));
             }
             looked.push(cand);
@@ -300,13 +298,7 @@ fn find_loader(
 }
 
 /// Directories to hand ld.so with `--library-path`: only for libraries it would not find itself.
-fn missing_library_dirs(
-    req: &Request,
-    probe: &Budget,
-    loader: &Path,
-    relocated: bool,
-    why: &mut Vec<String>,
-) -> Vec<PathBuf> {
+fn missing_library_dirs(req: &Request, probe: &Budget, loader: &Path, relocated: bool, why: &mut Why) -> Vec<PathBuf> {
     let arch = req.facts.arch;
     let origin = dirname(req.path);
     let mut own: Vec<PathBuf> = req.facts.runpath.as_deref().map(|r| search_dirs(r, &origin)).unwrap_or_default();
@@ -339,10 +331,10 @@ fn missing_library_dirs(
             continue;
         }
         if let Some(d) = candidates.iter().find(|d| probe.is_file(&d.join(lib))) {
-            why.push(format!("{} is found only in {}", lib.display(), d.display()));
+            why.push(|| format!("{} is found only in {}", lib.display(), d.display()));
             extra.push(d.clone());
         } else if !probe.spent.get() {
-            why.push(format!("{} is found nowhere nixqimg looks; ld.so will report it", lib.display()));
+            why.push(|| format!("{} is found nowhere nixqimg looks; ld.so will report it", lib.display()));
         }
     }
     // A relocated loader must at least find its own libc next to it.
@@ -354,11 +346,23 @@ fn missing_library_dirs(
     extra
 }
 
-pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
-    let probe = Budget { inner: probe, left: MAX_PROBES.into(), spent: false.into() };
-    let probe = &probe;
-    let f = req.facts;
-    let mut why = vec![format!(
+/// The reasons being collected, or nothing when nobody will read them.
+struct Why {
+    keep: bool,
+    lines: Vec<String>,
+}
+
+impl Why {
+    fn push(&mut self, line: impl FnOnce() -> String) {
+        if self.keep {
+            self.lines.push(line());
+        }
+    }
+}
+
+/// The first line of `why`: `aarch64 ET_EXEC (static)`.
+fn summary(f: &ElfFacts) -> String {
+    format!(
         "{} {} ({})",
         f.arch.name,
         if f.is_fixed_address() { "ET_EXEC" } else { "ET_DYN" },
@@ -366,25 +370,35 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
             Some(i) => format!("dynamic, PT_INTERP {}", String::from_utf8_lossy(i)),
             None => "static".into(),
         }
-    )];
+    )
+}
+
+pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
+    let probe = Budget { inner: probe, left: MAX_PROBES.into(), spent: false.into() };
+    let probe = &probe;
+    let f = req.facts;
+    let mut why = Why { keep: req.explain, lines: Vec::new() };
+    why.push(|| summary(f));
     let risk = guest_base_risk(f, req.page_size);
     if let Some(lo) = f.lowest_load.filter(|_| f.is_fixed_address()) {
-        why.push(format!(
-            "lowest load address {lo:#x}; host page size {}: {}",
-            req.page_size,
-            if risk { "qemu cannot reserve it (guest_base failure)" } else { "qemu can place it" }
-        ));
+        why.push(|| {
+            format!(
+                "lowest load address {lo:#x}; host page size {}: {}",
+                req.page_size,
+                if risk { "qemu cannot reserve it (guest_base failure)" } else { "qemu can place it" }
+            )
+        });
     }
 
     let mode = match &f.interp {
         None => {
             if req.strategy == Strategy::LoaderFirst {
-                why.push("static program: run directly whatever the strategy (ld.so must never load it)".into());
+                why.push(|| "static program: run directly whatever the strategy (ld.so must never load it)".into());
             }
             if risk {
-                why.push(
-                    "static ET_EXEC with an unplaceable address: no loader can help; it may fail on this host".into(),
-                );
+                why.push(|| {
+                    "static ET_EXEC with an unplaceable address: no loader can help; it may fail on this host".into()
+                });
             }
             Mode::Direct
         }
@@ -392,7 +406,7 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
             let interp = PathBuf::from(OsStr::from_bytes(interp));
             match req.strategy {
                 Strategy::Direct => {
-                    why.push("strategy direct".into());
+                    why.push(|| "strategy direct".into());
                     Mode::Direct
                 }
                 s => {
@@ -400,29 +414,28 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
                     let library_path = missing_library_dirs(req, probe, &loader, relocated, &mut why);
                     let spent = probe.spent.get();
                     if spent {
-                        why.push(format!(
+                        why.push(|| format!(
                             "{MAX_PROBES} file probes spent: the rest of the library search is left to ld.so (loader-first)"
                         ));
                     }
                     let first = s == Strategy::LoaderFirst || relocated || !library_path.is_empty() || risk || spent;
                     if s == Strategy::LoaderFirst {
-                        why.push("strategy loader-first".into());
+                        why.push(|| "strategy loader-first".into());
                     } else if relocated {
-                        why.push(format!("loader is not at PT_INTERP; using {}", loader.display()));
+                        why.push(|| format!("loader is not at PT_INTERP; using {}", loader.display()));
                     } else if risk {
-                        why.push("loader-first: ld.so is ET_DYN and maps the program through qemu's mmap".into());
+                        why.push(|| "loader-first: ld.so is ET_DYN and maps the program through qemu's mmap".into());
                     }
                     if first {
                         let argv0 = probe.loader_has_argv0(&loader);
                         if !argv0 {
-                            why.push(
-                                "this loader has no --argv0 (glibc < 2.33): the program sees its path as argv[0]"
-                                    .into(),
-                            );
+                            why.push(|| {
+                                "this loader has no --argv0 (glibc < 2.33): the program sees its path as argv[0]".into()
+                            });
                         }
                         Mode::LoaderFirst { loader, library_path, argv0 }
                     } else {
-                        why.push("loader at PT_INTERP and libraries found: direct".into());
+                        why.push(|| "loader at PT_INTERP and libraries found: direct".into());
                         Mode::Direct
                     }
                 }
@@ -481,7 +494,7 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
         }
     }
     argv.extend(req.args.iter().cloned());
-    Ok(Plan { exe: req.qemu.clone(), argv, env, mode, why })
+    Ok(Plan { exe: req.qemu.clone(), argv, env, mode, why: why.lines })
 }
 
 #[cfg(test)]
@@ -552,6 +565,7 @@ mod tests {
             sysroots: &[],
             page_size: page,
             secure: false,
+            explain: true,
         }
     }
 
@@ -701,6 +715,22 @@ mod tests {
                 argv0: true
             }
         );
+    }
+
+    /// The interpreter asks for no reasons; everything else about the plan is the same.
+    #[test]
+    fn without_explain_the_plan_is_the_same_and_has_no_reasons() {
+        let interp = "/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-bootstrap-tools/lib/ld-linux-aarch64.so.1";
+        let f = facts(Some(interp), 2, 0x3ff000, None, &["libc.so.6"]);
+        let files = fs(&[&format!("{BT}/lib/ld-linux-aarch64.so.1"), &format!("{BT}/lib/libc.so.6")]);
+        let path = format!("{BT}/bin/sh");
+        let mut r = req(&f, &path, &[], vec!["A=1".into()], Strategy::Auto, 16384);
+        let told = plan(&r, &files).unwrap();
+        r.explain = false;
+        let quiet = plan(&r, &files).unwrap();
+        assert!(told.why.len() >= 3, "{:?}", told.why);
+        assert!(quiet.why.is_empty(), "{:?}", quiet.why);
+        assert_eq!(Plan { why: told.why.clone(), ..quiet }, told);
     }
 
     #[test]
