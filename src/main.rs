@@ -58,17 +58,21 @@ mod arena {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     const SIZE: usize = 256 * 1024;
+    /// The cursor sits in the same page as the buffer's first bytes: apart, they were two page faults.
     #[repr(C, align(64))]
-    struct Buf(UnsafeCell<[u8; SIZE]>);
+    struct Buf {
+        next: AtomicUsize,
+        bytes: UnsafeCell<[u8; SIZE]>,
+    }
     // SAFETY: disjoint ranges of the buffer are handed out through the atomic cursor below.
     unsafe impl Sync for Buf {}
-    static BUF: Buf = Buf(UnsafeCell::new([0; SIZE]));
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    static BUF: Buf = Buf { next: AtomicUsize::new(0), bytes: UnsafeCell::new([0; SIZE]) };
+    static NEXT: &AtomicUsize = &BUF.next;
 
     pub struct Arena;
 
     fn base() -> usize {
-        BUF.0.get() as usize
+        BUF.bytes.get() as usize
     }
 
     // SAFETY: every pointer returned is either a fresh, suitably aligned, unshared range of BUF

@@ -94,9 +94,9 @@ pub fn load(self_exe: Option<&Path>, env: &dyn Env, secure: bool) -> Config {
     if let Some(d) = build_time_qemu_dir() {
         c.qemu_dirs.push(PathBuf::from(d));
     }
-    let own_dir = self_exe.and_then(Path::parent);
+    let own_dir = self_exe.and_then(crate::interp::sys::dir_of);
     if let Some(dir) = own_dir {
-        let file = dir.join(FILE_NAME);
+        let file = crate::interp::sys::join(dir, OsStr::new(FILE_NAME));
         if let Some(text) = read_trusted(&file, secure, &mut c.warnings) {
             apply_file(&mut c, &file, &text);
         }
@@ -150,7 +150,7 @@ pub fn load(self_exe: Option<&Path>, env: &dyn Env, secure: bool) -> Config {
 /// Reads the config file, or nothing. Under AT_SECURE only a file nobody but root can change counts.
 fn read_trusted(file: &Path, secure: bool, warnings: &mut Vec<String>) -> Option<Vec<u8>> {
     use std::io::Read;
-    let f = std::fs::File::open(file).ok()?;
+    let f = crate::interp::sys::open_read(file).ok()?;
     if secure {
         let trusted = |m: &std::fs::Metadata| m.uid() == 0 && m.mode() & 0o022 == 0;
         let dir_ok = file.parent().and_then(|d| std::fs::metadata(d).ok()).is_some_and(|m| trusted(&m));

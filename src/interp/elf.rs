@@ -213,7 +213,7 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
         highest_load: None,
     };
     let mut dynamic = None;
-    let file_size = file.metadata().map_err(ElfError::Io)?.len();
+    let file_size = crate::interp::sys::file_size(file).map_err(ElfError::Io)?;
     for ph in &phdrs {
         match ph.p_type {
             PT_LOAD => load_span(ph, file_size, &mut facts)?,

@@ -14,7 +14,7 @@ const MAX_LOADER_SCAN: u64 = 8 * 1024 * 1024;
 
 impl Probe for RealProbe {
     fn is_file(&self, path: &Path) -> bool {
-        std::fs::metadata(path).is_ok_and(|m| m.is_file())
+        crate::interp::sys::is_file(path)
     }
     fn list(&self, dir: &Path, prefix: &[u8]) -> Vec<PathBuf> {
         let Ok(rd) = std::fs::read_dir(dir) else {

@@ -17,6 +17,7 @@ pub mod exec;
 mod fuzz;
 pub mod plan;
 pub mod route;
+pub mod sys;
 
 use crate::arch::Arch;
 use crate::error::code;
@@ -129,7 +130,7 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
             (f, OsString::from(format!("/proc/self/fd/{execfd}")))
         }
     } else {
-        let f = File::open(path).map_err(|e| Fail {
+        let f = sys::open_read(Path::new(path)).map_err(|e| Fail {
             code: if e.kind() == std::io::ErrorKind::NotFound { code::NOT_FOUND } else { code::CANNOT_EXEC },
             what: format!("cannot open: {e}"),
             hint: "",
@@ -174,22 +175,7 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
         code: code::NOT_FOUND,
     })?;
     if qemu.is_none() {
-        let r = route::routed(&req, &plan, &RealProbe);
-        tracing::debug!(file = ?r.file, argv = ?r.argv, why = ?plan.why, "routed exec");
-        let e = route::exec(&r);
-        let (what, mut hint) = e.describe(facts.arch, &join_dirs(&cfg.qemu_dirs));
-        if matches!(e, route::RouteError::NoEntry) && std::env::var_os("NIX_BUILD_TOP").is_some() {
-            hint = no_qemu_hint(true, None).to_string();
-        }
-        return Err(Fail {
-            what: if hint.is_empty() { what } else { format!("{what} ({hint})") },
-            hint: "",
-            code: if matches!(e, route::RouteError::NoEntry | route::RouteError::NoProc) {
-                code::NOT_FOUND
-            } else {
-                code::CANNOT_EXEC
-            },
-        });
+        return Err(routed_exec(&req, &plan, &cfg));
     }
     tracing::debug!(argv = ?plan.argv, why = ?plan.why, "exec");
     let e = exec::exec(&plan);
@@ -200,6 +186,30 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
     })
 }
 
+/// The exec through the marker entry, when no qemu is visible; returns only its failure. Never inlined
+/// into `run`: its memfd copy keeps an 8 KiB buffer on the stack, and a frame that size is probed page
+/// by page on every exec, routed or not.
+#[cold]
+#[inline(never)]
+fn routed_exec(req: &Request, plan: &plan::Plan, cfg: &Config) -> Fail {
+    let r = route::routed(req, plan, &RealProbe);
+    tracing::debug!(file = ?r.file, argv = ?r.argv, why = ?plan.why, "routed exec");
+    let e = route::exec(&r);
+    let (what, mut hint) = e.describe(req.facts.arch, &join_dirs(&cfg.qemu_dirs));
+    if matches!(e, route::RouteError::NoEntry) && std::env::var_os("NIX_BUILD_TOP").is_some() {
+        hint = no_qemu_hint(true, None).to_string();
+    }
+    Fail {
+        what: if hint.is_empty() { what } else { format!("{what} ({hint})") },
+        hint: "",
+        code: if matches!(e, route::RouteError::NoEntry | route::RouteError::NoProc) {
+            code::NOT_FOUND
+        } else {
+            code::CANNOT_EXEC
+        },
+    }
+}
+
 /// nixqimg's own path, whose directory holds nixqimg.conf and may hold qemu. Under P the kernel's
 /// argv[0] is the interpreter path as registered; when that is an absolute path naming a regular file
 /// (not a symlink) it is this file, and one lstat on it is cheap. Reading /proc/self/exe instead
@@ -208,7 +218,7 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
 /// relative or vanished path.
 fn own_path(argv0: &OsStr) -> Option<PathBuf> {
     let p = Path::new(argv0);
-    if p.is_absolute() && std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file()) {
+    if argv0.as_bytes().first() == Some(&b'/') && sys::is_plain_file(p) {
         return Some(p.to_path_buf());
     }
     std::fs::read_link("/proc/self/exe").ok()
@@ -259,7 +269,7 @@ pub fn find_qemu(cfg: &Config, arch: &Arch, probe: &dyn Probe) -> Option<PathBuf
         n
     };
     let names = [name("-static"), name("")];
-    cfg.qemu_dirs.iter().find_map(|d| names.iter().map(|n| d.join(n)).find(|p| probe.is_file(p)))
+    cfg.qemu_dirs.iter().find_map(|d| names.iter().map(|n| sys::join(d, n)).find(|p| probe.is_file(p)))
 }
 
 /// The environment exactly as we got it, entries without `=` included.

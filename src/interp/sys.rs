@@ -1,0 +1,111 @@
+//! The interpreter's own file-system calls, straight to libc. std::fs answers the same through statx
+//! and its Metadata, code spread over pages of its own that every exec would fault in (benches/interp
+//! counts the faults), and musl's open() adds an fcntl that openat() does not. A leaf: elf, config,
+//! exec and the entry point use it, it uses none of them.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+/// `dir/name` for a plain file name, as bytes: Path::join and Path::parent parse components, code the
+/// hot path otherwise never needs.
+pub fn join(dir: &Path, name: &OsStr) -> PathBuf {
+    let d = dir.as_os_str().as_bytes();
+    let mut v = Vec::with_capacity(d.len() + 1 + name.len());
+    v.extend_from_slice(d);
+    if !d.ends_with(b"/") {
+        v.push(b'/');
+    }
+    v.extend_from_slice(name.as_bytes());
+    PathBuf::from(std::ffi::OsString::from_vec(v))
+}
+
+/// The directory of an absolute file path (`/` for `/x`); None for a relative one or `/`.
+pub fn dir_of(path: &Path) -> Option<&Path> {
+    let b = path.as_os_str().as_bytes();
+    let b = &b[..b.iter().rposition(|&c| c != b'/')? + 1];
+    match b.iter().rposition(|&c| c == b'/')? {
+        0 => Some(Path::new("/")),
+        i => Some(Path::new(OsStr::from_bytes(&b[..i]))),
+    }
+}
+
+/// `f` called with `path` as a C string, from a stack buffer when it fits. None for a path holding a
+/// NUL, which names no file.
+fn with_c_path<T>(path: &Path, f: impl FnOnce(&std::ffi::CStr) -> T) -> Option<T> {
+    let b = path.as_os_str().as_bytes();
+    let mut buf = [0u8; 512];
+    if b.len() < buf.len() {
+        buf[..b.len()].copy_from_slice(b);
+        std::ffi::CStr::from_bytes_with_nul(&buf[..=b.len()]).ok().map(f)
+    } else {
+        std::ffi::CString::new(b).ok().map(|c| f(&c))
+    }
+}
+
+fn stat_mode(path: &Path, follow: bool) -> Option<libc::mode_t> {
+    with_c_path(path, |c| {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        let flags = if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
+        // SAFETY: `c` is a NUL-terminated path and `st` has room for one struct stat.
+        let ok = unsafe { libc::fstatat(libc::AT_FDCWD, c.as_ptr(), st.as_mut_ptr(), flags) } == 0;
+        // SAFETY: fstatat returned 0, so it filled `st`.
+        ok.then(|| unsafe { st.assume_init() }.st_mode)
+    })
+    .flatten()
+}
+
+/// Is `path` a regular file, symlinks followed?
+pub fn is_file(path: &Path) -> bool {
+    stat_mode(path, true).is_some_and(|m| m & libc::S_IFMT == libc::S_IFREG)
+}
+
+/// Is `path` itself a regular file (a symlink is not)?
+pub fn is_plain_file(path: &Path) -> bool {
+    stat_mode(path, false).is_some_and(|m| m & libc::S_IFMT == libc::S_IFREG)
+}
+
+/// Opens `path` read-only and close-on-exec.
+pub fn open_read(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    let fd = with_c_path(path, |c| {
+        // SAFETY: `c` is a NUL-terminated path; openat has no other preconditions.
+        unsafe { libc::openat(libc::AT_FDCWD, c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) }
+    })
+    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path holds a NUL byte"))?;
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat just returned this fd, owned by nobody else.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// The size of an open file.
+pub fn file_size(f: &std::fs::File) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat fills `st` for an open fd when it returns 0; only then is it read.
+    if unsafe { libc::fstat(f.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: initialised by the successful fstat above.
+    Ok(unsafe { st.assume_init() }.st_size as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_and_dir_of_agree_with_path_for_the_paths_the_interpreter_meets() {
+        for (dir, name) in [("/usr/bin", "qemu-aarch64"), ("/", "nixqimg.conf"), ("/nix/store/x-q/bin/", "q")] {
+            assert_eq!(join(Path::new(dir), OsStr::new(name)), Path::new(dir).join(name));
+        }
+        for p in ["/usr/bin/nixqimg", "/nixqimg", "/a/b/", "/a//b"] {
+            assert_eq!(dir_of(Path::new(p)), Path::new(p).parent(), "{p}");
+        }
+        assert_eq!(dir_of(Path::new("/")), None);
+        assert_eq!(dir_of(Path::new("nixqimg")), None, "relative: no directory to trust");
+    }
+}
