@@ -90,7 +90,9 @@ pub fn build_time_qemu_dir() -> Option<&'static str> {
 
 /// Loads settings as described in the module docs. `self_exe` is nixqimg's own path.
 pub fn load(self_exe: Option<&Path>, env: &dyn Env, secure: bool) -> Config {
-    let mut c = Config::default();
+    // Room for every directory below up front: a first push would call Vec's grow code, a page of
+    // text of its own on the interpreter's path.
+    let mut c = Config { qemu_dirs: Vec::with_capacity(6), ..Config::default() };
     if let Some(d) = build_time_qemu_dir() {
         c.qemu_dirs.push(PathBuf::from(d));
     }

@@ -263,7 +263,8 @@ pub fn find_qemu(cfg: &Config, arch: &Arch, probe: &dyn Probe) -> Option<PathBuf
     // Built by hand, not with format!: nothing on the interpreter's success path touches core::fmt,
     // whose code would be paged in for two short names.
     let name = |suffix: &str| {
-        let mut n = OsString::from("qemu-");
+        let mut n = OsString::with_capacity(5 + arch.qemu.len() + suffix.len());
+        n.push("qemu-");
         n.push(arch.qemu);
         n.push(suffix);
         n
@@ -277,18 +278,22 @@ pub fn environ() -> Vec<OsString> {
     extern "C" {
         static environ: *const *const libc::c_char;
     }
-    let mut out = Vec::new();
     // SAFETY: `environ` is the NUL-terminated array of NUL-terminated strings the kernel and libc set
-    // up; nothing in this single-threaded start-up modifies it while we copy it.
+    // up; nothing in this single-threaded start-up modifies it while we count and copy it.
     unsafe {
         let mut p = environ;
         if p.is_null() {
-            return out;
+            return Vec::new();
         }
+        let mut n = 0;
+        while !(*p.add(n)).is_null() {
+            n += 1;
+        }
+        let mut out = Vec::with_capacity(n);
         while !(*p).is_null() {
             out.push(OsString::from_vec(std::ffi::CStr::from_ptr(*p).to_bytes().to_vec()));
             p = p.add(1);
         }
+        out
     }
-    out
 }

@@ -493,7 +493,9 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
             argv.push(req.program.to_owned());
         }
     }
-    argv.extend(req.args.iter().cloned());
+    for a in req.args {
+        argv.push(a.clone());
+    }
     Ok(Plan { exe: req.qemu.clone(), argv, env, mode, why: why.lines })
 }
 
