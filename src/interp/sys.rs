@@ -66,6 +66,17 @@ pub fn is_plain_file(path: &Path) -> bool {
     stat_mode(path, false).is_some_and(|m| m & libc::S_IFMT == libc::S_IFREG)
 }
 
+/// The last component of the target of the symlink at `path`, into `buf`; None if `path` is no
+/// symlink or the target does not fit.
+pub fn link_target_name<'b>(path: &Path, buf: &'b mut [u8; 256]) -> Option<&'b [u8]> {
+    let n = with_c_path(path, |c| {
+        // SAFETY: `c` is a NUL-terminated path and `buf` is writable for its whole length.
+        unsafe { libc::readlink(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
+    })?;
+    let t = buf.get(..usize::try_from(n).ok().filter(|&n| n < buf.len())?)?;
+    Some(t.rsplit(|&c| c == b'/').next().unwrap_or(t))
+}
+
 /// Opens `path` read-only and close-on-exec.
 pub fn open_read(path: &Path) -> io::Result<std::fs::File> {
     use std::os::fd::FromRawFd;
@@ -107,5 +118,21 @@ mod tests {
         }
         assert_eq!(dir_of(Path::new("/")), None);
         assert_eq!(dir_of(Path::new("nixqimg")), None, "relative: no directory to trust");
+    }
+
+    #[test]
+    fn link_target_name_is_the_targets_last_component() {
+        let d = std::env::temp_dir().join(format!("nixqimg-sys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::os::unix::fs::symlink("../lib/ld-2.31.so", d.join("ld")).unwrap();
+        std::os::unix::fs::symlink("ld-2.27.so", d.join("plain")).unwrap();
+        std::fs::write(d.join("file"), b"x").unwrap();
+        let mut buf = [0u8; 256];
+        assert_eq!(link_target_name(&d.join("ld"), &mut buf), Some(&b"ld-2.31.so"[..]));
+        assert_eq!(link_target_name(&d.join("plain"), &mut buf), Some(&b"ld-2.27.so"[..]));
+        assert_eq!(link_target_name(&d.join("file"), &mut buf), None);
+        assert_eq!(link_target_name(&d.join("missing"), &mut buf), None);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
