@@ -67,7 +67,6 @@ mod arena {
     // SAFETY: disjoint ranges of the buffer are handed out through the atomic cursor below.
     unsafe impl Sync for Buf {}
     static BUF: Buf = Buf { next: AtomicUsize::new(0), bytes: UnsafeCell::new([0; SIZE]) };
-    static NEXT: &AtomicUsize = &BUF.next;
 
     pub struct Arena;
 
@@ -80,14 +79,14 @@ mod arena {
     unsafe impl GlobalAlloc for Arena {
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
             if layout.size() <= SIZE / 4 {
-                let mut cur = NEXT.load(Ordering::Relaxed);
+                let mut cur = BUF.next.load(Ordering::Relaxed);
                 loop {
                     let start = (base() + cur).next_multiple_of(layout.align()) - base();
                     let end = start + layout.size();
                     if end > SIZE {
                         break;
                     }
-                    match NEXT.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
+                    match BUF.next.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
                         Ok(_) => return (base() + start) as *mut u8,
                         Err(now) => cur = now,
                     }

@@ -81,9 +81,9 @@ pub fn defines_glibc_2_34_or_later(head: &[u8]) -> bool {
     (0..head.len().saturating_sub(NAME.len())).filter(|&i| head[i] == b'G' && head[i..].starts_with(NAME)).any(|at| {
         let digits = &head[at + NAME.len()..];
         let n = digits.iter().take(4).take_while(|c| c.is_ascii_digit()).count();
-        // A name cut at the end of the buffer proves nothing.
+        // A name cut at the end of the buffer proves nothing: a byte must follow the digits.
         n > 0
-            && n < digits.len().min(5)
+            && n < digits.len()
             && std::str::from_utf8(&digits[..n]).ok().and_then(|d| d.parse::<u32>().ok()).is_some_and(|m| m >= 34)
     })
 }
