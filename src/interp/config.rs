@@ -96,9 +96,9 @@ pub fn load(self_exe: Option<&Path>, env: &dyn Env, secure: bool) -> Config {
     if let Some(d) = build_time_qemu_dir() {
         c.qemu_dirs.push(PathBuf::from(d));
     }
-    let own_dir = self_exe.and_then(crate::interp::sys::dir_of);
+    let own_dir = self_exe.and_then(crate::interp::paths::dir_of);
     if let Some(dir) = own_dir {
-        let file = crate::interp::sys::join(dir, OsStr::new(FILE_NAME));
+        let file = crate::interp::paths::join(dir, FILE_NAME);
         if let Some(text) = read_trusted(&file, secure, &mut c.warnings) {
             apply_file(&mut c, &file, &text);
         }

@@ -195,39 +195,31 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
             return Err(ElfError::Malformed("e_phoff overflows"));
         }
         _ => {
-            far = vec![0u8; phbytes];
+            far = zeroed(phbytes);
             read_exact_at(file, &mut far, phoff, "the program header table")?;
             &far[..]
         }
     };
     let phdrs = ProgramHeader::parse(table, 0, phnum, ctx).map_err(|_| ElfError::Malformed("program header table"))?;
 
-    let mut facts = ElfFacts {
-        arch,
-        e_type,
-        interp: None,
-        runpath: None,
-        runpath_is_rpath: false,
-        needed: Vec::new(),
-        lowest_load: None,
-        highest_load: None,
-    };
+    let mut interp = None;
+    let mut span = None;
     let mut dynamic = None;
     let file_size = crate::interp::sys::file_size(file).map_err(ElfError::Io)?;
     for ph in &phdrs {
         match ph.p_type {
-            PT_LOAD => load_span(ph, file_size, &mut facts)?,
+            PT_LOAD => load_span(ph, file_size, &mut span)?,
             PT_INTERP => {
-                if facts.interp.is_some() {
+                if interp.is_some() {
                     return Err(ElfError::Malformed("more than one PT_INTERP"));
                 }
-                facts.interp = Some(read_interp(file, ph)?);
+                interp = Some(read_interp(file, ph)?);
             }
             PT_DYNAMIC => dynamic = Some(ph.clone()),
             _ => {}
         }
     }
-    let (Some(lo), Some(hi)) = (facts.lowest_load, facts.highest_load) else {
+    let Some((lo, hi)) = span else {
         return Err(ElfError::Malformed("no PT_LOAD segment"));
     };
     // qemu-user reserves and tracks the whole image span up front; a damaged size of a terabyte makes
@@ -236,14 +228,34 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
         return Err(ElfError::Malformed("the loaded segments span more than 64 GiB"));
     }
     // Static programs (and static-pie) have nothing more the planner uses.
-    if let (Some(dynph), true) = (dynamic, facts.interp.is_some()) {
-        read_dynamic(file, &dynph, &phdrs, class, endian, &mut facts)?;
-    }
-    Ok(facts)
+    let d = match (dynamic, interp.is_some()) {
+        (Some(dynph), true) => read_dynamic(file, &dynph, &phdrs, class, endian)?,
+        _ => Dynamic::default(),
+    };
+    // Built once from what was read: assigning into a made struct drops its empty Vec through
+    // generic drop code, another page range on the hot path.
+    Ok(ElfFacts {
+        arch,
+        e_type,
+        interp,
+        runpath: d.runpath,
+        runpath_is_rpath: d.runpath_is_rpath,
+        needed: d.needed,
+        lowest_load: Some(lo),
+        highest_load: Some(hi),
+    })
+}
+
+/// What the dynamic section says that the planner uses.
+#[derive(Default)]
+struct Dynamic {
+    needed: Vec<Vec<u8>>,
+    runpath: Option<Vec<u8>>,
+    runpath_is_rpath: bool,
 }
 
 /// A PT_LOAD checked as the kernel and ld.so would check it, widening the loaded span.
-fn load_span(ph: &ProgramHeader, file_size: u64, facts: &mut ElfFacts) -> Result<(), ElfError> {
+fn load_span(ph: &ProgramHeader, file_size: u64, span: &mut Option<(u64, u64)>) -> Result<(), ElfError> {
     // What the kernel and ld.so would refuse, refused here with a clear word (a bad
     // segment handed on can make qemu or ld.so spin instead of failing).
     if ph.p_filesz > ph.p_memsz {
@@ -262,9 +274,17 @@ fn load_span(ph: &ProgramHeader, file_size: u64, facts: &mut ElfFacts) -> Result
     }
     let lo = ph.p_vaddr & !0xfff;
     let hi = ph.p_vaddr.saturating_add(ph.p_memsz);
-    facts.lowest_load = Some(facts.lowest_load.map_or(lo, |l| l.min(lo)));
-    facts.highest_load = Some(facts.highest_load.map_or(hi, |h| h.max(hi)));
+    *span = Some(span.map_or((lo, hi), |(l, h)| (l.min(lo), h.max(hi))));
     Ok(())
+}
+
+/// `vec![0; len]` without the generic from_elem code, which sat in a page range of its own: every
+/// range the interpreter touches is a page fault per exec (benches/interp counts them).
+#[allow(clippy::slow_vector_initialization)] // the point: resize is inlined, from_elem is not
+fn zeroed(len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len);
+    v.resize(len, 0);
+    v
 }
 
 /// PT_INTERP's path, up to its first NUL.
@@ -272,7 +292,7 @@ fn read_interp(file: &File, ph: &ProgramHeader) -> Result<Vec<u8>, ElfError> {
     if ph.p_filesz < 2 || ph.p_filesz > MAX_INTERP {
         return Err(ElfError::Malformed("PT_INTERP size out of range"));
     }
-    let mut buf = vec![0u8; ph.p_filesz as usize];
+    let mut buf = zeroed(ph.p_filesz as usize);
     read_exact_at(file, &mut buf, ph.p_offset, "PT_INTERP")?;
     // The kernel insists on the terminating NUL and uses the string up to the first one.
     if buf.last() != Some(&0) {
@@ -308,14 +328,13 @@ fn read_dynamic(
     phdrs: &[ProgramHeader],
     class: Class,
     endian: Endian,
-    facts: &mut ElfFacts,
-) -> Result<(), ElfError> {
+) -> Result<Dynamic, ElfError> {
     let entsize: usize = if class == Class::Elf64 { 16 } else { 8 };
     let len = dynph.p_filesz.min(MAX_DYNAMIC_BYTES) as usize / entsize * entsize;
     if len == 0 {
-        return Ok(());
+        return Ok(Dynamic::default());
     }
-    let mut buf = vec![0u8; len];
+    let mut buf = zeroed(len);
     read_exact_at(file, &mut buf, dynph.p_offset, "the dynamic section")?;
     let word = |b: &[u8]| -> u64 {
         match (class, endian) {
@@ -327,7 +346,7 @@ fn read_dynamic(
     };
     let half = entsize / 2;
     let (mut strtab, mut strsz, mut runpath, mut rpath) = (None, None, None, None);
-    let mut needed: Vec<u64> = Vec::new();
+    let mut needed: Vec<u64> = Vec::with_capacity((len / entsize).min(MAX_NEEDED));
     for ent in buf.chunks_exact(entsize) {
         let (tag, val) = (word(&ent[..half]), word(&ent[half..]));
         match tag {
@@ -341,23 +360,34 @@ fn read_dynamic(
         }
     }
     let Some(strtab) = strtab else {
-        return Ok(());
+        return Ok(Dynamic::default());
     };
     // DT_STRTAB is an address; in ET_DYN files it is relative to the load base 0, as the vaddrs are.
     let Some((str_off, avail)) = vaddr_to_offset(phdrs, strtab) else {
         return Err(ElfError::Malformed("DT_STRTAB is not inside a loaded segment"));
     };
     let strsz = strsz.unwrap_or(avail).min(avail);
-    let wanted: Vec<u64> =
-        needed.iter().chain(runpath.iter()).chain(rpath.iter()).copied().filter(|&o| o < strsz).collect();
-    let (Some(&min), Some(&max)) = (wanted.iter().min(), wanted.iter().max()) else {
-        return Ok(());
+    // The span of the strings wanted, by hand: chain/filter/collect is generic code paged in apart.
+    let mut span: Option<(u64, u64)> = None;
+    let mut want = |o: u64| {
+        if o < strsz {
+            span = Some(span.map_or((o, o), |(lo, hi)| (lo.min(o), hi.max(o))));
+        }
+    };
+    for &o in &needed {
+        want(o);
+    }
+    for o in [runpath, rpath].into_iter().flatten() {
+        want(o);
+    }
+    let Some((min, max)) = span else {
+        return Ok(Dynamic::default());
     };
     let end = max.saturating_add(MAX_STR as u64).min(strsz);
     if end - min > MAX_STRTAB_WINDOW {
         return Err(ElfError::Malformed("dynamic strings spread over more than 256 KiB"));
     }
-    let mut window = vec![0u8; (end - min) as usize];
+    let mut window = zeroed((end - min) as usize);
     let at = str_off.checked_add(min).ok_or(ElfError::Truncated("the dynamic strings"))?;
     let n = read_upto_at(file, &mut window, at, "the dynamic strings")?;
     window.truncate(n);
@@ -367,14 +397,20 @@ fn read_dynamic(
         let len = s.iter().take(MAX_STR).position(|&b| b == 0)?;
         Some(s[..len].to_vec())
     };
-    facts.needed = needed.iter().filter_map(|&o| string(o)).filter(|s| !s.is_empty()).collect();
-    if let Some(rp) = runpath.and_then(string) {
-        facts.runpath = Some(rp);
-    } else if let Some(rp) = rpath.and_then(string) {
-        facts.runpath = Some(rp);
-        facts.runpath_is_rpath = true;
+    // Every field given: `..Dynamic::default()` would make and drop a Vec of its own.
+    let mut d = Dynamic { needed: Vec::new(), runpath: None, runpath_is_rpath: false };
+    for &o in &needed {
+        if let Some(s) = string(o).filter(|s| !s.is_empty()) {
+            d.needed.push(s);
+        }
     }
-    Ok(())
+    if let Some(rp) = runpath.and_then(string) {
+        d.runpath = Some(rp);
+    } else if let Some(rp) = rpath.and_then(string) {
+        d.runpath = Some(rp);
+        d.runpath_is_rpath = true;
+    }
+    Ok(d)
 }
 
 #[cfg(test)]

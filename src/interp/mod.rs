@@ -15,6 +15,7 @@ pub mod elf;
 pub mod exec;
 #[cfg(test)]
 mod fuzz;
+mod paths;
 pub mod plan;
 pub mod route;
 pub mod sys;
@@ -270,7 +271,7 @@ pub fn find_qemu(cfg: &Config, arch: &Arch, probe: &dyn Probe) -> Option<PathBuf
         n
     };
     let names = [name("-static"), name("")];
-    cfg.qemu_dirs.iter().find_map(|d| names.iter().map(|n| sys::join(d, n)).find(|p| probe.is_file(p)))
+    cfg.qemu_dirs.iter().find_map(|d| names.iter().map(|n| paths::join(d, n)).find(|p| probe.is_file(p)))
 }
 
 /// The environment exactly as we got it, entries without `=` included.

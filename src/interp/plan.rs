@@ -14,6 +14,7 @@
 
 use crate::arch::Arch;
 use crate::interp::elf::ElfFacts;
+use crate::interp::paths;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -183,22 +184,23 @@ pub fn guest_base_risk(facts: &ElfFacts, page_size: u64) -> bool {
 
 /// `<store>/<32 nix-base32 chars>-bootstrap-tools` prefix of `path`, if it lies in such a tree.
 pub fn bootstrap_tools_root(path: &Path) -> Option<PathBuf> {
-    let mut root = PathBuf::new();
-    for comp in path.components() {
-        root.push(comp);
-        let name = comp.as_os_str().as_bytes();
-        if let Some(hash) = name.strip_suffix(b"-bootstrap-tools") {
+    let b = path.as_os_str().as_bytes();
+    let mut start = 0;
+    while start < b.len() {
+        let end = b[start..].iter().position(|&c| c == b'/').map_or(b.len(), |i| start + i);
+        if let Some(hash) = b[start..end].strip_suffix(b"-bootstrap-tools") {
             if hash.len() == 32 && hash.iter().all(|&c| matches!(c, b'0'..=b'9' | b'a'..=b'z') && !b"eotu".contains(&c))
             {
-                return Some(root);
+                return Some(PathBuf::from(OsStr::from_bytes(&b[..end])));
             }
         }
+        start = end + 1;
     }
     None
 }
 
 fn dirname(p: &OsStr) -> PathBuf {
-    match Path::new(p).parent() {
+    match paths::parent(Path::new(p)) {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     }
@@ -206,32 +208,50 @@ fn dirname(p: &OsStr) -> PathBuf {
 
 /// RUNPATH entries with `$ORIGIN` expanded, as ld.so would search them.
 pub fn search_dirs(runpath: &[u8], origin: &Path) -> Vec<PathBuf> {
-    runpath
-        .split(|&b| b == b':')
-        .filter(|d| !d.is_empty())
-        .map(|d| {
-            let o = origin.as_os_str().as_bytes();
-            let mut out = Vec::with_capacity(d.len() + o.len());
-            let mut i = 0;
-            while i < d.len() {
-                let rest = &d[i..];
-                if let Some(n) = [&b"$ORIGIN"[..], b"${ORIGIN}"].iter().find(|t| rest.starts_with(t)).map(|t| t.len()) {
-                    out.extend_from_slice(o);
-                    i += n;
-                } else {
-                    out.push(d[i]);
-                    i += 1;
-                }
+    let o = origin.as_os_str().as_bytes();
+    // Pushed into exact capacity by index: split/map/collect is generic code paged in on its own.
+    let mut dirs = Vec::with_capacity(runpath.iter().filter(|&&b| b == b':').count() + 1);
+    let mut start = 0;
+    while start <= runpath.len() {
+        let end = runpath[start..].iter().position(|&b| b == b':').map_or(runpath.len(), |i| start + i);
+        let d = &runpath[start..end];
+        start = end + 1;
+        if d.is_empty() {
+            continue;
+        }
+        let mut out = Vec::with_capacity(d.len() + o.len());
+        let mut rest = d;
+        while let Some(i) = rest.iter().position(|&b| b == b'$') {
+            out.extend_from_slice(&rest[..i]);
+            rest = &rest[i..];
+            let n = if rest.starts_with(b"$ORIGIN") {
+                7
+            } else if rest.starts_with(b"${ORIGIN}") {
+                9
+            } else {
+                0
+            };
+            if n > 0 {
+                out.extend_from_slice(o);
+                rest = &rest[n..];
+            } else {
+                out.push(b'$');
+                rest = &rest[1..];
             }
-            PathBuf::from(OsString::from_vec(out))
-        })
-        .collect()
+        }
+        out.extend_from_slice(rest);
+        dirs.push(PathBuf::from(OsString::from_vec(out)));
+    }
+    dirs
 }
 
 /// The configured sysroots, then Debian's cross sysroot for the architecture (`/usr/<gnu-triplet>`).
 fn sysroots(req: &Request) -> Vec<PathBuf> {
-    let mut v = req.sysroots.to_vec();
-    v.push(Path::new("/usr").join(req.facts.arch.gnu_triplet));
+    let mut v = Vec::with_capacity(req.sysroots.len() + 1);
+    for s in req.sysroots {
+        v.push(s.clone());
+    }
+    v.push(paths::join(Path::new("/usr"), req.facts.arch.gnu_triplet));
     v
 }
 
@@ -242,7 +262,7 @@ fn find_loader(req: &Request, probe: &Budget, interp: &Path, why: &mut Why) -> R
         return Ok((interp.to_path_buf(), false));
     }
     let arch: &Arch = req.facts.arch;
-    let name = interp.file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(arch.loader));
+    let name = paths::file_name(interp).unwrap_or(OsStr::new(arch.loader));
     let mut looked = Vec::new();
     let try_at = |cand: PathBuf, looked: &mut Vec<PathBuf>| -> Option<PathBuf> {
         if probe.is_file(&cand) {
@@ -258,9 +278,9 @@ fn find_loader(req: &Request, probe: &Budget, interp: &Path, why: &mut Why) -> R
         bootstrap_tools_root(path).or_else(|| probe.canonicalize(path).as_deref().and_then(bootstrap_tools_root));
     {
         if let Some(root) = root {
-            let lib = root.join("lib");
-            for n in [name.as_path(), Path::new(arch.loader)] {
-                if let Some(l) = try_at(lib.join(n), &mut looked) {
+            let lib = paths::join(&root, "lib");
+            for n in [name, OsStr::new(arch.loader)] {
+                if let Some(l) = try_at(paths::join(&lib, n), &mut looked) {
                     why.push(|| format!("program lies in bootstrap-tools tree {}", root.display()));
                     return Ok((l, true));
                 }
@@ -276,7 +296,7 @@ fn find_loader(req: &Request, probe: &Budget, interp: &Path, why: &mut Why) -> R
             if probe.spent.get() {
                 break;
             }
-            if let Some(l) = try_at(d.join(&name), &mut looked) {
+            if let Some(l) = try_at(paths::join(&d, name), &mut looked) {
                 why.push(|| format!("loader found in the program's RUNPATH/RPATH directory {}", d.display()));
                 return Ok((l, true));
             }
@@ -285,8 +305,12 @@ fn find_loader(req: &Request, probe: &Budget, interp: &Path, why: &mut Why) -> R
     // The sysroots are the host's configuration, not the file's: a few places, looked at even when
     // a long RUNPATH spent the budget.
     for root in &sysroots(req) {
-        let rel = interp.strip_prefix("/").unwrap_or(interp);
-        for cand in [root.join(rel), root.join("lib").join(&name), root.join("lib64").join(&name)] {
+        let rel = paths::without_root(interp);
+        for cand in [
+            paths::join(root, rel),
+            paths::join(&paths::join(root, "lib"), name),
+            paths::join(&paths::join(root, "lib64"), name),
+        ] {
             if probe.inner.is_file(&cand) {
                 why.push(|| format!("loader found in sysroot {}", root.display()));
                 return Ok((cand, true));
@@ -308,17 +332,21 @@ fn missing_library_dirs(req: &Request, probe: &Budget, loader: &Path, relocated:
     // multiarch and plain lib dirs are, for a loader where PT_INTERP says.
     if !relocated {
         for d in ["/lib", "/usr/lib"] {
-            own.push(Path::new(d).join(arch.gnu_triplet));
+            own.push(paths::join(Path::new(d), arch.gnu_triplet));
             own.push(PathBuf::from(d));
         }
     }
     let mut extra: Vec<PathBuf> = Vec::new();
-    let candidates: Vec<PathBuf> = loader
-        .parent()
-        .map(Path::to_path_buf)
-        .into_iter()
-        .chain(sysroots(req).iter().flat_map(|s| [s.join("lib"), s.join("lib64"), s.join("usr/lib")]))
-        .collect();
+    let roots = sysroots(req);
+    let mut candidates: Vec<PathBuf> = Vec::with_capacity(1 + 3 * roots.len());
+    if let Some(d) = paths::parent(loader) {
+        candidates.push(d.to_path_buf());
+    }
+    for s in &roots {
+        for sub in ["lib", "lib64", "usr/lib"] {
+            candidates.push(paths::join(s, sub));
+        }
+    }
     for lib in &req.facts.needed {
         if probe.spent.get() {
             break;
@@ -327,10 +355,10 @@ fn missing_library_dirs(req: &Request, probe: &Budget, loader: &Path, relocated:
         if lib.as_os_str().as_bytes().contains(&b'/') {
             continue;
         }
-        if own.iter().chain(extra.iter()).any(|d| !probe.spent.get() && probe.is_file(&d.join(lib))) {
+        if own.iter().chain(extra.iter()).any(|d| !probe.spent.get() && probe.is_file(&paths::join(d, lib))) {
             continue;
         }
-        if let Some(d) = candidates.iter().find(|d| probe.is_file(&d.join(lib))) {
+        if let Some(d) = candidates.iter().find(|d| probe.is_file(&paths::join(d, lib))) {
             why.push(|| format!("{} is found only in {}", lib.display(), d.display()));
             extra.push(d.clone());
         } else if !probe.spent.get() {
@@ -339,7 +367,7 @@ fn missing_library_dirs(req: &Request, probe: &Budget, loader: &Path, relocated:
     }
     // A relocated loader must at least find its own libc next to it.
     if relocated && extra.is_empty() && req.facts.needed.is_empty() {
-        if let Some(d) = loader.parent() {
+        if let Some(d) = paths::parent(loader) {
             extra.push(d.to_path_buf());
         }
     }

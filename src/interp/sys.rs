@@ -3,33 +3,9 @@
 //! counts the faults), and musl's open() adds an fcntl that openat() does not. A leaf: elf, config,
 //! exec and the entry point use it, it uses none of them.
 
-use std::ffi::OsStr;
 use std::io;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::{Path, PathBuf};
-
-/// `dir/name` for a plain file name, as bytes: Path::join and Path::parent parse components, code the
-/// hot path otherwise never needs.
-pub fn join(dir: &Path, name: &OsStr) -> PathBuf {
-    let d = dir.as_os_str().as_bytes();
-    let mut v = Vec::with_capacity(d.len() + 1 + name.len());
-    v.extend_from_slice(d);
-    if !d.ends_with(b"/") {
-        v.push(b'/');
-    }
-    v.extend_from_slice(name.as_bytes());
-    PathBuf::from(std::ffi::OsString::from_vec(v))
-}
-
-/// The directory of an absolute file path (`/` for `/x`); None for a relative one or `/`.
-pub fn dir_of(path: &Path) -> Option<&Path> {
-    let b = path.as_os_str().as_bytes();
-    let b = &b[..b.iter().rposition(|&c| c != b'/')? + 1];
-    match b.iter().rposition(|&c| c == b'/')? {
-        0 => Some(Path::new("/")),
-        i => Some(Path::new(OsStr::from_bytes(&b[..i]))),
-    }
-}
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 /// `f` called with `path` as a C string, from a stack buffer when it fits. None for a path holding a
 /// NUL, which names no file.
@@ -107,18 +83,6 @@ pub fn file_size(f: &std::fs::File) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn join_and_dir_of_agree_with_path_for_the_paths_the_interpreter_meets() {
-        for (dir, name) in [("/usr/bin", "qemu-aarch64"), ("/", "nixqimg.conf"), ("/nix/store/x-q/bin/", "q")] {
-            assert_eq!(join(Path::new(dir), OsStr::new(name)), Path::new(dir).join(name));
-        }
-        for p in ["/usr/bin/nixqimg", "/nixqimg", "/a/b/", "/a//b"] {
-            assert_eq!(dir_of(Path::new(p)), Path::new(p).parent(), "{p}");
-        }
-        assert_eq!(dir_of(Path::new("/")), None);
-        assert_eq!(dir_of(Path::new("nixqimg")), None, "relative: no directory to trust");
-    }
 
     #[test]
     fn link_target_name_is_the_targets_last_component() {
