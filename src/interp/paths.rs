@@ -27,13 +27,19 @@ pub fn join(dir: &Path, rel: impl AsRef<OsStr>) -> PathBuf {
     PathBuf::from(OsString::from_vec(v))
 }
 
-/// `p` without its trailing slashes (`/` stays `/`).
+/// `p` without what std::path ignores at its end: slashes and `/.` components (`/` stays `/`).
 fn trimmed(p: &[u8]) -> &[u8] {
-    let mut n = p.len();
-    while n > 1 && p[n - 1] == b'/' {
-        n -= 1;
+    let mut b = p;
+    loop {
+        while b.len() > 1 && b.ends_with(b"/") {
+            b = &b[..b.len() - 1];
+        }
+        match b.strip_suffix(b"/.") {
+            Some(r) if !r.is_empty() => b = r,
+            Some(_) => return b"/",
+            None => return b,
+        }
     }
-    &p[..n]
 }
 
 /// The directory of an absolute file path (`/` for `/x`); None for a relative one or `/`.
@@ -95,6 +101,33 @@ mod tests {
         assert_eq!(dir_of(Path::new("nixqimg")), None, "relative: no directory to trust");
         for p in ["/lib/ld-linux-aarch64.so.1", "//lib/ld.so", "lib/ld.so", "/"] {
             assert_eq!(without_root(Path::new(p)), Path::new(p).strip_prefix("/").unwrap_or(Path::new(p)), "{p}");
+        }
+    }
+
+    /// PT_INTERP and RUNPATH come from the file: generated paths of `/`, names, `.` and `..`.
+    /// parent and without_root keep the path as written where std normalises (`a//b`, `/./`, a
+    /// leading `./`), so those are compared normalised; file_name must agree exactly.
+    #[test]
+    fn generated_paths_agree_with_std_path() {
+        let norm = |p: Option<&Path>| {
+            p.map(|p| p.components().filter(|c| *c != std::path::Component::CurDir).collect::<PathBuf>())
+        };
+        let parts = ["/", "//", "a", "ld.so", ".", "..", "/."];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            let mut s = String::new();
+            for _ in 0..(seed % 6) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                s.push_str(parts[(seed % parts.len() as u64) as usize]);
+            }
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let p = Path::new(&s);
+            assert_eq!(file_name(p), p.file_name(), "{s:?}");
+            assert_eq!(norm(parent(p)), norm(p.parent()), "{s:?}");
+            let rel = p.strip_prefix("/").unwrap_or(p);
+            assert_eq!(norm(Some(without_root(p))), norm(Some(rel)), "{s:?}");
         }
     }
 }

@@ -791,6 +791,71 @@ mod tests {
         );
     }
 
+    /// The byte-level search_dirs and bootstrap_tools_root against the split/collect and
+    /// Path::components versions they replaced, over generated RUNPATHs and paths.
+    #[test]
+    fn byte_level_runpath_and_tree_detection_agree_with_the_std_versions() {
+        fn search_dirs_std(runpath: &[u8], origin: &Path) -> Vec<PathBuf> {
+            let o = origin.as_os_str().as_bytes();
+            runpath
+                .split(|&b| b == b':')
+                .filter(|d| !d.is_empty())
+                .map(|d| {
+                    let (mut out, mut i) = (Vec::new(), 0);
+                    while i < d.len() {
+                        let rest = &d[i..];
+                        if let Some(t) = [&b"$ORIGIN"[..], b"${ORIGIN}"].iter().find(|t| rest.starts_with(t)) {
+                            out.extend_from_slice(o);
+                            i += t.len();
+                        } else {
+                            out.push(d[i]);
+                            i += 1;
+                        }
+                    }
+                    PathBuf::from(OsString::from_vec(out))
+                })
+                .collect()
+        }
+        fn root_std(path: &Path) -> Option<PathBuf> {
+            let mut root = PathBuf::new();
+            for comp in path.components() {
+                root.push(comp);
+                let name = comp.as_os_str().as_bytes();
+                if let Some(h) = name.strip_suffix(b"-bootstrap-tools") {
+                    if h.len() == 32
+                        && h.iter().all(|&c| matches!(c, b'0'..=b'9' | b'a'..=b'z') && !b"eotu".contains(&c))
+                    {
+                        return Some(root);
+                    }
+                }
+            }
+            None
+        }
+        let parts: [&[u8]; 9] = [b":", b"$ORIGIN", b"${ORIGIN}", b"$", b"{", b"/lib", b"a", b"$ORIG", b"::"];
+        let bt = format!("/{BT}").into_bytes();
+        let tree_parts: [&[u8]; 6] = [b"/", b"bin", b"x", &bt[..], b"-bootstrap-tools", b"nix"];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut found = 0;
+        for _ in 0..20_000 {
+            let rp: Vec<u8> = (0..next(8)).flat_map(|_| parts[next(parts.len())].to_vec()).collect();
+            assert_eq!(search_dirs(&rp, Path::new("/o/bin")), search_dirs_std(&rp, Path::new("/o/bin")), "{rp:?}");
+            let p: Vec<u8> = (0..next(7)).flat_map(|_| tree_parts[next(tree_parts.len())].to_vec()).collect();
+            let p = Path::new(OsStr::from_bytes(&p));
+            // The byte version keeps the path as written (`//`, `/./`); the std one normalises it.
+            // Both name the same directory, so compare them normalised.
+            let norm = |r: Option<PathBuf>| r.map(|r| r.components().collect::<PathBuf>());
+            assert_eq!(norm(bootstrap_tools_root(p)), root_std(p), "{p:?}");
+            found += usize::from(root_std(p).is_some());
+        }
+        assert!(found > 1000, "too few paths in a tree were generated: {found}");
+    }
+
     #[test]
     fn bootstrap_tools_root_needs_a_store_hash() {
         assert_eq!(bootstrap_tools_root(Path::new(&format!("{BT}/libexec/x/y"))), Some(PathBuf::from(BT)));
