@@ -7,7 +7,7 @@ use crate::interp::plan::{self, Request, Strategy};
 use crate::interp::{self, elf};
 use crate::logging;
 use clap::{Parser, Subcommand};
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -130,12 +130,15 @@ fn exec_cmd(a: ExecArgs) -> Result<()> {
             .hint("install qemu-user-static or set NIXQIMG_QEMU_DIR")
             .code(code::NOT_FOUND)
     })?;
+    let env = interp::environ();
+    let env: Vec<&OsStr> = env.iter().map(|e| e.as_os_str()).collect();
+    let args: Vec<&OsStr> = a.args.iter().map(|a| a.as_os_str()).collect();
     let req = Request {
         program: a.binary.as_os_str(),
         path: a.binary.as_os_str(),
         argv0: a.binary.as_os_str(),
-        args: &a.args,
-        env: interp::environ(),
+        args: &args,
+        env: &env,
         facts: &facts,
         qemu,
         strategy: cfg.strategy,

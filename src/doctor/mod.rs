@@ -14,7 +14,7 @@ use crate::interp::exec::{self, RealProbe};
 use crate::interp::plan::{self, Mode, Request, Strategy};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -223,13 +223,13 @@ pub fn guest_base(facts: &ElfFacts, page_size: u64) -> Option<GuestBase> {
     })
 }
 
-fn shown_argv(argv: &[OsString]) -> Vec<String> {
-    argv.iter().map(|a| a.to_string_lossy().into_owned()).collect()
+fn shown_argv<S: AsRef<OsStr>>(argv: &[S]) -> Vec<String> {
+    argv.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect()
 }
 
 /// Builds the interpreter's request for `path` as binfmt_misc would start it (argv0 = path, no args)
 /// and plans it with `strategy` for `page_size`.
-fn plan_for(path: &Path, facts: &ElfFacts, strategy: Strategy, page_size: u64) -> Result<plan::Plan> {
+fn plan_for(path: &Path, facts: &ElfFacts, strategy: Strategy, page_size: u64) -> Result<plan::Plan<'static>> {
     let self_exe = std::fs::read_link("/proc/self/exe").ok();
     let mut cfg = config::load(self_exe.as_deref(), &ProcessEnv, false);
     if strategy != Strategy::Auto {
@@ -239,12 +239,14 @@ fn plan_for(path: &Path, facts: &ElfFacts, strategy: Strategy, page_size: u64) -
         Error::new(format!("no qemu-{} found", facts.arch.qemu))
             .hint("install qemu-user-static or set NIXQIMG_QEMU_DIR")
     })?;
+    let env = crate::interp::environ();
+    let env: Vec<&OsStr> = env.iter().map(|e| e.as_os_str()).collect();
     let req = Request {
         program: path.as_os_str(),
         path: path.as_os_str(),
         argv0: path.as_os_str(),
         args: &[],
-        env: crate::interp::environ(),
+        env: &env,
         facts,
         qemu,
         strategy: cfg.strategy,
@@ -253,14 +255,14 @@ fn plan_for(path: &Path, facts: &ElfFacts, strategy: Strategy, page_size: u64) -
         secure: false,
         explain: true,
     };
-    plan::plan(&req, &RealProbe).map_err(|e| Error::new(e.to_string()))
+    plan::plan(&req, &RealProbe).map(plan::Plan::into_owned).map_err(|e| Error::new(e.to_string()))
 }
 
 /// Output of a child, bounded: a program that prints forever must not fill memory.
 const MAX_OUTPUT: u64 = 16 * 1024;
 
 /// Runs `argv` with `env`, in its own process group, killed after `timeout`.
-fn run_bounded(exe: &Path, argv: &[OsString], env: &[OsString], timeout: Duration) -> Try {
+fn run_bounded<S: AsRef<OsStr>>(exe: &Path, argv: &[S], env: &[S], timeout: Duration) -> Try {
     use std::os::unix::process::CommandExt;
     let mut t = Try {
         strategy: "",
@@ -273,15 +275,15 @@ fn run_bounded(exe: &Path, argv: &[OsString], env: &[OsString], timeout: Duratio
         error: None,
     };
     let mut cmd = Command::new(exe);
-    cmd.arg0(argv.first().cloned().unwrap_or_default())
-        .args(argv.iter().skip(1))
+    cmd.arg0(argv.first().map(|a| a.as_ref().to_os_string()).unwrap_or_default())
+        .args(argv.iter().skip(1).map(|a| a.as_ref()))
         .env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
     for kv in env {
-        let b = kv.as_bytes();
+        let b = kv.as_ref().as_bytes();
         if let Some(eq) = b.iter().position(|&c| c == b'=') {
             cmd.env(std::ffi::OsStr::from_bytes(&b[..eq]), std::ffi::OsStr::from_bytes(&b[eq + 1..]));
         }

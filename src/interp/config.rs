@@ -54,10 +54,11 @@ impl Env for ProcessEnv {
 pub struct Entries<'a>(Vec<(&'a [u8], &'a OsStr)>);
 
 impl<'a> Entries<'a> {
-    pub fn new(environ: &'a [OsString]) -> Self {
+    pub fn new<S: AsRef<OsStr>>(environ: &'a [S]) -> Self {
         Entries(
             environ
                 .iter()
+                .map(|kv| kv.as_ref())
                 .filter(|kv| kv.as_bytes().starts_with(b"NIXQIMG_"))
                 .filter_map(|kv| {
                     let b = kv.as_bytes();

@@ -126,9 +126,7 @@ pub fn page_size() -> u64 {
 /// the interpreter's own work before its execve.
 pub fn exec(plan: &Plan) -> io::Error {
     let all = || {
-        std::iter::once(plan.exe.as_os_str())
-            .chain(plan.argv.iter().map(|a| a.as_os_str()))
-            .chain(plan.env.iter().map(|e| e.as_os_str()))
+        std::iter::once(plan.exe.as_os_str()).chain(plan.argv.iter().map(|a| &**a)).chain(plan.env.iter().map(|e| &**e))
     };
     let mut buf: Vec<u8> = Vec::with_capacity(all().map(|s| s.len() + 1).sum());
     let mut starts = Vec::with_capacity(1 + plan.argv.len() + plan.env.len());

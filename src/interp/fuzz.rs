@@ -12,7 +12,7 @@
 use super::elf::{self, ElfError};
 use super::plan::{self, Mode, Probe, Request, Strategy};
 use std::cell::Cell;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::FromRawFd;
@@ -97,14 +97,15 @@ fn check(file: &File, salt: u64) -> Option<Finding> {
     };
     let fs = HashFs { salt, count: Cell::new(0) };
     let sysroots = [PathBuf::from("/sysroot")];
-    let args = [OsString::from("a")];
+    let args = [OsStr::new("a")];
+    let env = [OsStr::new("A=1"), OsStr::new("LD_X=1")];
     for strategy in [Strategy::Auto, Strategy::LoaderFirst] {
         let req = Request {
             program: OsStr::new("/nix/store/x/bin/prog"),
             path: OsStr::new("/nix/store/x/bin/prog"),
             argv0: OsStr::new("prog"),
             args: &args,
-            env: vec!["A=1".into(), "LD_X=1".into()],
+            env: &env,
             facts: &facts,
             qemu: PathBuf::from("/q/qemu-aarch64"),
             strategy,

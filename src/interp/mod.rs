@@ -30,7 +30,7 @@ use std::fs::File;
 use std::io::Write;
 use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// Name under which nixqimg assumes `P`-style argv even where the kernel does not set AT_FLAGS
@@ -40,7 +40,7 @@ pub const BINFMT_NAME: &str = "nixqimg-binfmt";
 /// Did the kernel start us as a `P` interpreter?
 pub fn started_by_binfmt(argv0: Option<&OsStr>) -> bool {
     exec::auxv(libc::AT_FLAGS) & 1 != 0
-        || argv0.and_then(|a| Path::new(a).file_name()).is_some_and(|n| n == BINFMT_NAME)
+        || argv0.and_then(|a| paths::file_name(Path::new(a))).is_some_and(|n| n == BINFMT_NAME)
 }
 
 struct Fail {
@@ -50,8 +50,8 @@ struct Fail {
 }
 
 /// Runs the interpreter; returns the exit code only when it could not exec qemu.
-pub fn main(args: Vec<OsString>) -> u8 {
-    let path = args.get(1).cloned().unwrap_or_default();
+pub fn main(args: &[&OsStr]) -> u8 {
+    let path = args.get(1).copied().unwrap_or_default();
     match run(args) {
         Ok(never) => match never {},
         Err(f) => {
@@ -95,7 +95,7 @@ pub fn error_line(path: &[u8], what: &str, hint: &str) -> Vec<u8> {
 
 enum Never {}
 
-fn run(args: Vec<OsString>) -> Result<Never, Fail> {
+fn run(args: &[&OsStr]) -> Result<Never, Fail> {
     if args.len() < 3 {
         return Err(Fail {
             what: "started as a binfmt_misc interpreter without the P flag's argv".into(),
@@ -105,14 +105,15 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
     }
     let secure = exec::auxv(libc::AT_SECURE) != 0;
     let execfd = exec::auxv(libc::AT_EXECFD);
-    let self_exe = own_path(&args[0]);
-    let environ = environ();
+    let self_exe = own_path(args[0]);
+    // SAFETY: the interpreter sets no environment variable before its execve.
+    let environ = unsafe { environ_view() };
     let entries = config::Entries::new(&environ);
     let env: &dyn config::Env = if secure { &config::NoEnv } else { &entries };
     let cfg = config::load(self_exe.as_deref(), env, secure);
     let _log = crate::logging::init(cfg.log.as_deref(), cfg.log_file.as_deref());
 
-    let path = &args[1];
+    let path = args[1];
     // With O/C the kernel opened the program for us: use that file, race-free. qemu must open it
     // again by a path, and whatever fd is open at our exec is open in the guest too (qemu closes
     // only its own). So when the path still names the same file and we can read it, hand qemu the
@@ -126,7 +127,7 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
         if !secure && same_readable_file(&f, path) {
             // SAFETY: F_SETFD on the fd the kernel gave us; no memory is involved.
             unsafe { libc::fcntl(execfd as i32, libc::F_SETFD, libc::FD_CLOEXEC) };
-            (f, path.clone())
+            (f, path.to_os_string())
         } else {
             (f, OsString::from(format!("/proc/self/fd/{execfd}")))
         }
@@ -136,7 +137,7 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
             what: format!("cannot open: {e}"),
             hint: "",
         })?;
-        (ManuallyDrop::new(f), path.clone())
+        (ManuallyDrop::new(f), path.to_os_string())
     };
     // qemu answers the guest's /proc/self/exe from the path it was given, resolved when asked: a
     // relative one breaks as soon as the program changes directory (qemu 7.2). Hand it an absolute one.
@@ -157,9 +158,9 @@ fn run(args: Vec<OsString>) -> Result<Never, Fail> {
     let req = Request {
         program: &program,
         path,
-        argv0: &args[2],
+        argv0: args[2],
         args: &args[3..],
-        env: environ,
+        env: &environ,
         facts: &facts,
         qemu: qemu.clone().unwrap_or_default(),
         strategy: cfg.strategy,
@@ -276,13 +277,30 @@ pub fn find_qemu(cfg: &Config, arch: &Arch, probe: &dyn Probe) -> Option<PathBuf
 
 /// The environment exactly as we got it, entries without `=` included.
 pub fn environ() -> Vec<OsString> {
+    // SAFETY: every entry is copied before this returns; nothing changes the environment meanwhile.
+    let view = unsafe { environ_view() };
+    let mut out = Vec::with_capacity(view.len());
+    for e in view {
+        out.push(e.to_os_string());
+    }
+    out
+}
+
+/// The environment's entries, borrowed from the process's own strings: copying each one was a
+/// tenth of the interpreter's instructions before its execve.
+///
+/// # Safety
+/// The entries stay valid only while nobody changes the environment: setenv may free a string an
+/// earlier setenv made. The caller must set no variable while the result is alive.
+unsafe fn environ_view() -> Vec<&'static OsStr> {
     extern "C" {
         static environ: *const *const libc::c_char;
     }
     // SAFETY: `environ` is the NUL-terminated array of NUL-terminated strings the kernel and libc set
-    // up; nothing in this single-threaded start-up modifies it while we count and copy it.
+    // up; this single-threaded code reads it while nothing modifies it, and the caller keeps the
+    // strings alive by changing no variable (see above).
     unsafe {
-        let mut p = environ;
+        let p = environ;
         if p.is_null() {
             return Vec::new();
         }
@@ -291,9 +309,8 @@ pub fn environ() -> Vec<OsString> {
             n += 1;
         }
         let mut out = Vec::with_capacity(n);
-        while !(*p).is_null() {
-            out.push(OsString::from_vec(std::ffi::CStr::from_ptr(*p).to_bytes().to_vec()));
-            p = p.add(1);
+        for i in 0..n {
+            out.push(OsStr::from_bytes(std::ffi::CStr::from_ptr(*p.add(i)).to_bytes()));
         }
         out
     }

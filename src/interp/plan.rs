@@ -15,6 +15,7 @@
 use crate::arch::Arch;
 use crate::interp::elf::ElfFacts;
 use crate::interp::paths;
+use std::borrow::Cow;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -116,9 +117,11 @@ pub struct Request<'a> {
     /// The program's path as the kernel was asked to exec it: for $ORIGIN, store detection, messages.
     pub path: &'a OsStr,
     pub argv0: &'a OsStr,
-    pub args: &'a [OsString],
-    /// Our environment, `KEY=VALUE` entries in order.
-    pub env: Vec<OsString>,
+    pub args: &'a [&'a OsStr],
+    /// Our environment, `KEY=VALUE` entries in order. Borrowed, as the arguments are, and so is
+    /// every one of them the plan hands on: the interpreter would otherwise copy each string twice
+    /// (into the request, then into the plan) before exec copies it once more.
+    pub env: &'a [&'a OsStr],
     pub facts: &'a ElfFacts,
     pub qemu: PathBuf,
     pub strategy: Strategy,
@@ -139,10 +142,11 @@ pub enum Mode {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
+pub struct Plan<'a> {
     pub exe: PathBuf,
-    pub argv: Vec<OsString>,
-    pub env: Vec<OsString>,
+    /// Built strings owned, the request's borrowed.
+    pub argv: Vec<Cow<'a, OsStr>>,
+    pub env: Vec<Cow<'a, OsStr>>,
     pub mode: Mode,
     /// Facts and reasons behind the choice, for `--explain` and `doctor`.
     pub why: Vec<String>,
@@ -174,6 +178,14 @@ impl fmt::Display for PlanError {
                 Ok(())
             }
         }
+    }
+}
+
+impl Plan<'_> {
+    /// The same plan owning every string, to outlive its request (doctor keeps plans).
+    pub fn into_owned(self) -> Plan<'static> {
+        let own = |v: Vec<Cow<'_, OsStr>>| v.into_iter().map(|s| Cow::Owned(s.into_owned())).collect();
+        Plan { exe: self.exe, argv: own(self.argv), env: own(self.env), mode: self.mode, why: self.why }
     }
 }
 
@@ -401,7 +413,7 @@ fn summary(f: &ElfFacts) -> String {
     )
 }
 
-pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
+pub fn plan<'a>(req: &Request<'a>, probe: &dyn Probe) -> Result<Plan<'a>, PlanError> {
     let probe = Budget { inner: probe, left: MAX_PROBES.into(), spent: false.into() };
     let probe = &probe;
     let f = req.facts;
@@ -471,16 +483,17 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
         }
     };
 
-    let mut argv: Vec<OsString> = Vec::with_capacity(req.args.len() + 12);
-    argv.push(req.qemu.clone().into_os_string());
-    argv.push("-0".into());
-    argv.push(req.argv0.to_owned());
+    let lit = |s: &'static str| Cow::Borrowed(OsStr::new(s));
+    let mut argv: Vec<Cow<'a, OsStr>> = Vec::with_capacity(req.args.len() + 12);
+    argv.push(Cow::Owned(req.qemu.clone().into_os_string()));
+    argv.push(lit("-0"));
+    argv.push(Cow::Borrowed(req.argv0));
     // qemu-user builds the guest's environment by pushing each of its own variables, then each `-E`,
     // onto the head of a list: the guest sees them in reverse. Handing both over reversed gives the
     // guest its environment in the original order, with the LD_* variables (in their own order) first.
     let mut env = Vec::with_capacity(req.env.len());
     let mut ld = Vec::new();
-    for kv in req.env.iter().rev() {
+    for &kv in req.env.iter().rev() {
         let b = kv.as_bytes();
         if req.secure && b.starts_with(b"QEMU_") {
             continue;
@@ -488,23 +501,23 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
         // LD_* is for the guest's loader; a dynamic host qemu must not load guest libraries. `-E`
         // splits on commas, so a value with one stays in the environment (harmless to a static qemu).
         if b.starts_with(b"LD_") && !b.contains(&b',') {
-            ld.push(kv.clone());
+            ld.push(kv);
             continue;
         }
-        env.push(kv.clone());
+        env.push(Cow::Borrowed(kv));
     }
     for kv in ld {
-        argv.push("-E".into());
-        argv.push(kv);
+        argv.push(lit("-E"));
+        argv.push(Cow::Borrowed(kv));
     }
-    argv.push("--".into());
+    argv.push(lit("--"));
     match &mode {
-        Mode::Direct => argv.push(req.program.to_owned()),
+        Mode::Direct => argv.push(Cow::Borrowed(req.program)),
         Mode::LoaderFirst { loader, library_path, argv0 } => {
-            argv.push(loader.clone().into_os_string());
-            argv.push("--inhibit-cache".into());
+            argv.push(Cow::Owned(loader.clone().into_os_string()));
+            argv.push(lit("--inhibit-cache"));
             if !library_path.is_empty() {
-                argv.push("--library-path".into());
+                argv.push(lit("--library-path"));
                 let mut joined = Vec::new();
                 for (i, d) in library_path.iter().enumerate() {
                     if i > 0 {
@@ -512,17 +525,17 @@ pub fn plan(req: &Request, probe: &dyn Probe) -> Result<Plan, PlanError> {
                     }
                     joined.extend_from_slice(d.as_os_str().as_bytes());
                 }
-                argv.push(OsString::from_vec(joined));
+                argv.push(Cow::Owned(OsString::from_vec(joined)));
             }
             if *argv0 {
-                argv.push("--argv0".into());
-                argv.push(req.argv0.to_owned());
+                argv.push(lit("--argv0"));
+                argv.push(Cow::Borrowed(req.argv0));
             }
-            argv.push(req.program.to_owned());
+            argv.push(Cow::Borrowed(req.program));
         }
     }
-    for a in req.args {
-        argv.push(a.clone());
+    for &a in req.args {
+        argv.push(Cow::Borrowed(a));
     }
     Ok(Plan { exe: req.qemu.clone(), argv, env, mode, why: why.lines })
 }
@@ -578,8 +591,8 @@ mod tests {
     fn req<'a>(
         f: &'a ElfFacts,
         path: &'a str,
-        args: &'a [OsString],
-        env: Vec<OsString>,
+        args: &'a [&'a OsStr],
+        env: &'a [&'a OsStr],
         strategy: Strategy,
         page: u64,
     ) -> Request<'a> {
@@ -608,8 +621,8 @@ mod tests {
     #[test]
     fn static_runs_direct_even_when_loader_first_is_asked() {
         let f = facts(None, 2, 0x400000, None, &[]);
-        let args = [OsString::from("a b")];
-        let p = plan(&req(&f, "/bin/x", &args, vec![], Strategy::LoaderFirst, 4096), &fs(&[])).unwrap();
+        let args = [OsStr::new("a b")];
+        let p = plan(&req(&f, "/bin/x", &args, &[], Strategy::LoaderFirst, 4096), &fs(&[])).unwrap();
         assert_eq!(argv(&p), ["/q/qemu-aarch64", "-0", "prog0", "--", "/bin/x", "a b"]);
         assert_eq!(p.mode, Mode::Direct);
     }
@@ -618,7 +631,7 @@ mod tests {
     fn dynamic_with_loader_in_place_runs_direct() {
         let f = facts(Some("/lib/ld-linux-aarch64.so.1"), 3, 0, None, &["libc.so.6"]);
         let files = fs(&["/lib/ld-linux-aarch64.so.1", "/lib/aarch64-linux-gnu/libc.so.6"]);
-        let p = plan(&req(&f, "/bin/x", &[], vec![], Strategy::Auto, 4096), &files).unwrap();
+        let p = plan(&req(&f, "/bin/x", &[], &[], Strategy::Auto, 4096), &files).unwrap();
         assert_eq!(argv(&p), ["/q/qemu-aarch64", "-0", "prog0", "--", "/bin/x"]);
     }
 
@@ -629,7 +642,7 @@ mod tests {
         let loader = format!("{BT}/lib/ld-linux-aarch64.so.1");
         let files = fs(&[&loader, &format!("{BT}/lib/libc.so.6")]);
         let path = format!("{BT}/bin/bash");
-        let p = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 4096), &files).unwrap();
+        let p = plan(&req(&f, &path, &[], &[], Strategy::Auto, 4096), &files).unwrap();
         assert_eq!(
             argv(&p),
             [
@@ -655,7 +668,7 @@ mod tests {
         let loader = format!("{BT}/lib/ld-linux-aarch64.so.1");
         let files = fs(&[&loader, &format!("{BT}/lib/libc.so.6")]);
         let path = format!("{BT}/bin/sed");
-        let p = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 4096), &files).unwrap();
+        let p = plan(&req(&f, &path, &[], &[], Strategy::Auto, 4096), &files).unwrap();
         assert_eq!(
             argv(&p),
             ["/q/qemu-aarch64", "-0", "prog0", "--", &loader, "--inhibit-cache", "--argv0", "prog0", &path]
@@ -668,9 +681,9 @@ mod tests {
         let f = facts(Some(&interp), 2, 0x3ff000, Some(&format!("{BT}/lib")), &["libc.so.6"]);
         let files = fs(&[&interp, &format!("{BT}/lib/libc.so.6")]);
         let path = format!("{BT}/bin/bash");
-        let p4 = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 4096), &files).unwrap();
+        let p4 = plan(&req(&f, &path, &[], &[], Strategy::Auto, 4096), &files).unwrap();
         assert_eq!(p4.mode, Mode::Direct);
-        let p16 = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 16384), &files).unwrap();
+        let p16 = plan(&req(&f, &path, &[], &[], Strategy::Auto, 16384), &files).unwrap();
         assert!(matches!(p16.mode, Mode::LoaderFirst { ref library_path, .. } if library_path.is_empty()));
         // 0x3fc000 is 16K-aligned but not 64K-aligned.
         let g = facts(Some(&interp), 2, 0x3fc000, None, &[]);
@@ -688,7 +701,7 @@ mod tests {
         let f = facts(Some(&interp), 3, 0, None, &["libtinfo.so.6", "libc.so.6"]);
         let files = fs(&[&interp, &format!("{BT}/lib/libc.so.6"), &format!("{BT}/lib/libtinfo.so.6")]);
         let path = format!("{BT}/bin/bash");
-        let p = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 4096), &files).unwrap();
+        let p = plan(&req(&f, &path, &[], &[], Strategy::Auto, 4096), &files).unwrap();
         assert_eq!(
             p.mode,
             Mode::LoaderFirst {
@@ -707,7 +720,7 @@ mod tests {
         let mut files = fs(&[&loader]);
         files.argv0 = false;
         let path = format!("{BT}/bin/x");
-        let p = plan(&req(&f, &path, &[], vec![], Strategy::Auto, 4096), &files).unwrap();
+        let p = plan(&req(&f, &path, &[], &[], Strategy::Auto, 4096), &files).unwrap();
         assert!(!argv(&p).contains(&"--argv0".to_string()));
         assert!(p.why.iter().any(|w| w.contains("--argv0")));
     }
@@ -715,7 +728,7 @@ mod tests {
     #[test]
     fn missing_loader_is_an_error_naming_where_it_looked() {
         let f = facts(Some("/nope/ld-linux-aarch64.so.1"), 3, 0, Some("$ORIGIN/../lib"), &[]);
-        let e = plan(&req(&f, "/p/bin/x", &[], vec![], Strategy::Auto, 4096), &fs(&[])).unwrap_err();
+        let e = plan(&req(&f, "/p/bin/x", &[], &[], Strategy::Auto, 4096), &fs(&[])).unwrap_err();
         let PlanError::LoaderMissing { looked, .. } = e;
         let want: Vec<PathBuf> = [
             "/p/bin/../lib/ld-linux-aarch64.so.1",
@@ -734,7 +747,7 @@ mod tests {
         let f = facts(Some("/lib/ld-linux-aarch64.so.1"), 3, 0, None, &["libc.so.6"]);
         let files = fs(&["/usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1", "/usr/aarch64-linux-gnu/lib/libc.so.6"]);
         let sys = [PathBuf::from("/usr/aarch64-linux-gnu")];
-        let mut r = req(&f, "/bin/x", &[], vec![], Strategy::Auto, 4096);
+        let mut r = req(&f, "/bin/x", &[], &[], Strategy::Auto, 4096);
         r.sysroots = &sys;
         let p = plan(&r, &files).unwrap();
         assert_eq!(
@@ -754,7 +767,8 @@ mod tests {
         let f = facts(Some(interp), 2, 0x3ff000, None, &["libc.so.6"]);
         let files = fs(&[&format!("{BT}/lib/ld-linux-aarch64.so.1"), &format!("{BT}/lib/libc.so.6")]);
         let path = format!("{BT}/bin/sh");
-        let mut r = req(&f, &path, &[], vec!["A=1".into()], Strategy::Auto, 16384);
+        let env = [OsStr::new("A=1")];
+        let mut r = req(&f, &path, &[], &env, Strategy::Auto, 16384);
         let told = plan(&r, &files).unwrap();
         r.explain = false;
         let quiet = plan(&r, &files).unwrap();
@@ -766,21 +780,18 @@ mod tests {
     #[test]
     fn ld_variables_move_to_dash_e_and_qemu_variables_go_when_secure() {
         let f = facts(None, 3, 0, None, &[]);
-        let env: Vec<OsString> =
-            ["A=1", "LD_LIBRARY_PATH=/x", "LD_PRELOAD=a,b", "QEMU_GDB=1234", "LD_BIND_NOW=1", "B=2"]
-                .iter()
-                .map(OsString::from)
-                .collect();
-        let mut r = req(&f, "/bin/x", &[], env, Strategy::Auto, 4096);
+        let env =
+            ["A=1", "LD_LIBRARY_PATH=/x", "LD_PRELOAD=a,b", "QEMU_GDB=1234", "LD_BIND_NOW=1", "B=2"].map(OsStr::new);
+        let mut r = req(&f, "/bin/x", &[], &env, Strategy::Auto, 4096);
         let p = plan(&r, &fs(&[])).unwrap();
         let expect =
             ["/q/qemu-aarch64", "-0", "prog0", "-E", "LD_BIND_NOW=1", "-E", "LD_LIBRARY_PATH=/x", "--", "/bin/x"];
         assert_eq!(argv(&p), expect);
         // Reversed: qemu reverses it again.
-        assert_eq!(p.env, ["B=2", "QEMU_GDB=1234", "LD_PRELOAD=a,b", "A=1"].map(OsString::from));
+        assert_eq!(p.env, ["B=2", "QEMU_GDB=1234", "LD_PRELOAD=a,b", "A=1"].map(OsStr::new));
         r.secure = true;
         let p = plan(&r, &fs(&[])).unwrap();
-        assert_eq!(p.env, ["B=2", "LD_PRELOAD=a,b", "A=1"].map(OsString::from));
+        assert_eq!(p.env, ["B=2", "LD_PRELOAD=a,b", "A=1"].map(OsStr::new));
     }
 
     #[test]
@@ -899,7 +910,7 @@ mod tests {
         let f = hostile_facts(loader.as_bytes(), Some(&crate::interp::elf::tests::runpath_4096()), 64);
         let files = fs(&[loader]);
         let probe = Counting(&files, 0.into());
-        let p = plan(&req(&f, "/p/bin/x", &[], vec![], Strategy::Auto, 4096), &probe).unwrap();
+        let p = plan(&req(&f, "/p/bin/x", &[], &[], Strategy::Auto, 4096), &probe).unwrap();
         assert!(probe.1.get() <= MAX_PROBES as usize, "{} probes", probe.1.get());
         assert_eq!(p.mode, Mode::LoaderFirst { loader: loader.into(), library_path: vec![], argv0: true });
         assert!(p.why.iter().any(|w| w.contains("probes spent")), "{:?}", p.why);
@@ -917,7 +928,7 @@ mod tests {
         names.extend((0..12).map(|i| format!("{}/libmissing{i}.so", dirs[11])));
         let files = fs(&names.iter().map(String::as_str).collect::<Vec<_>>());
         let probe = Counting(&files, 0.into());
-        let p = plan(&req(&f, "/p/bin/x", &[], vec![], Strategy::Auto, 4096), &probe).unwrap();
+        let p = plan(&req(&f, "/p/bin/x", &[], &[], Strategy::Auto, 4096), &probe).unwrap();
         assert_eq!(p.mode, Mode::Direct, "{:?}", p.why);
         assert!(probe.1.get() < MAX_PROBES as usize / 2, "{} probes", probe.1.get());
         // 145
@@ -930,7 +941,7 @@ mod tests {
         let interp = vec![b'l'; 4095];
         let f = hostile_facts(&interp, Some(&crate::interp::elf::tests::runpath_4096()), 0);
         let probe = Counting(&fs(&[]), 0.into());
-        let e = plan(&req(&f, "/p/bin/x", &[], vec![], Strategy::Auto, 4096), &probe).unwrap_err();
+        let e = plan(&req(&f, "/p/bin/x", &[], &[], Strategy::Auto, 4096), &probe).unwrap_err();
         // The budget, then the sysroot's three places (host configuration, outside the budget).
         assert!(probe.1.get() <= MAX_PROBES as usize + 3, "{} probes", probe.1.get());
         let line = crate::interp::error_line(b"/p/bin/x", &e.to_string(), "a hint");

@@ -105,14 +105,19 @@ pub fn routed(req: &Request, plan: &Plan, probe: &dyn Probe) -> Routed {
     // qemu builds the guest's environment by pushing each of its own variables onto the head of a
     // list (see plan): handing it reversed gives the guest the caller's order. The qemu is static,
     // so LD_* in its environment cannot touch it.
-    let env: Vec<OsString> =
-        req.env.iter().rev().filter(|kv| !(req.secure && kv.as_bytes().starts_with(b"QEMU_"))).cloned().collect();
+    let env: Vec<OsString> = req
+        .env
+        .iter()
+        .rev()
+        .filter(|kv| !(req.secure && kv.as_bytes().starts_with(b"QEMU_")))
+        .map(|kv| kv.to_os_string())
+        .collect();
     let mut argv = vec![req.argv0.to_owned()];
     let file = match (&plan.mode, &req.facts.interp) {
         (Mode::LoaderFirst { loader, .. }, _) => {
             // Everything after the loader in the plan's qemu command line is the loader's own argv.
             let at = plan.argv.iter().position(|a| a == loader.as_os_str()).map_or(plan.argv.len(), |i| i + 1);
-            argv.extend(plan.argv[at..].iter().cloned());
+            argv.extend(plan.argv[at..].iter().map(|a| a.to_os_string()));
             loader.clone()
         }
         (Mode::Direct, Some(interp)) => {
@@ -122,11 +127,11 @@ pub fn routed(req: &Request, plan: &Plan, probe: &dyn Probe) -> Routed {
                 argv.push(req.argv0.to_owned());
             }
             argv.push(req.program.to_owned());
-            argv.extend(req.args.iter().cloned());
+            argv.extend(req.args.iter().map(|a| a.to_os_string()));
             loader
         }
         (Mode::Direct, None) => {
-            argv.extend(req.args.iter().cloned());
+            argv.extend(req.args.iter().map(|a| a.to_os_string()));
             PathBuf::from(req.program)
         }
     };
