@@ -25,6 +25,7 @@ pkgsStatic.rustPlatform.buildRustPackage {
     fileset = lib.fileset.unions [
       ../Cargo.toml
       ../Cargo.lock
+      ../build.rs
       ../src
       ./binfmt-table.json
     ];
