@@ -1,4 +1,5 @@
-//! Links the interpreter's hot path first in .text (src/interp/text-order.ld says why), for every
+//! Links the interpreter's hot path first in .text and its arena last in .bss (src/interp/text-order.ld
+//! says why), for every
 //! Linux build of the binary: the static release, the Nix package and the test build alike.
 fn main() {
     println!("cargo:rerun-if-changed=src/interp/text-order.ld");
