@@ -219,3 +219,74 @@ fn syscalls_per_exec_stay_under_their_measured_bounds() {
         assert!(n <= bound, "{name}: {n} syscalls, bound {bound}:\n{}", t.interp_syscalls.join("\n"));
     }
 }
+
+/// The static release binary, built as `tests/support/build-static` builds it.
+fn static_nixqimg() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/build-static");
+    let out = std::process::Command::new(script).arg("x86_64").output().unwrap();
+    assert!(out.status.success(), "build-static: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// `cc -O2 -static` of one of benches/interp_support's C files.
+fn cc_static(src: &str, out: &Path) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/interp_support").join(src);
+    let st = std::process::Command::new("cc").args(["-O2", "-static", "-o"]).arg(out).arg(&src).status().unwrap();
+    assert!(st.success(), "cc {src:?} failed");
+}
+
+/// Issue 12: the page faults one exec costs, counted by the kernel (the rusage of the whole exec
+/// chain minus the stand-in's own, so deterministic where timings are not), for the shipped static
+/// binary, a four-variable environment and no address randomisation (where the stack's strings
+/// fall moved the count by one). Measured here, the same on every run: 13 for a static program, 15
+/// loader-first (a relocated bootstrap-tools loader). The code of 65d88ac took 18 and 27; with the
+/// borrowed argv and environment but without the link order (src/interp/text-order.ld), 19 and 22.
+/// The bounds, 16 and 17, fail when the hot path's code spreads over the binary's text again. They
+/// assume the kernel's default fault-around (64 KiB, as on every kernel these tests run on).
+#[test]
+fn the_static_binary_costs_at_most_16_or_17_page_faults_per_exec() {
+    let f = fixtures();
+    let dir = hostile_dir().join("faults");
+    std::fs::create_dir_all(dir.join("fake")).unwrap();
+    let fake = dir.join("fake/qemu-aarch64-static");
+    cc_static("fakeqemu.c", &fake);
+    let driver = dir.join("driver");
+    cc_static("driver.c", &driver);
+    let nixqimg = static_nixqimg();
+    // The stand-in registered itself, then nixqimg in front of it, for each program. A fixed, small
+    // environment: the interpreter's heap pages follow its size (cargo's alone adds two).
+    let script = r#"
+        reg() { printf '%s' ":f:M::$MAGIC:$MASK:$1:PF" > /proc/sys/fs/binfmt_misc/register; }
+        for p in "$STATIC" "$LDF"; do
+          reg "$FAKE"; setarch -R env -i PATH=/usr/bin:/bin "$DRIVER" 25 "$p" | sed "s|^|base |"; echo -1 > /proc/sys/fs/binfmt_misc/f
+          reg "$NIXQIMG"; setarch -R env -i PATH=/usr/bin:/bin HOME=/root LANG=C.UTF-8 NIXQIMG_QEMU_DIR="${FAKE%/*}" \
+            PROBE_MODE=exit:0 "$DRIVER" 25 "$p" | sed "s|^|nixqimg |"
+          echo -1 > /proc/sys/fs/binfmt_misc/f; echo end
+        done"#;
+    let envs: Vec<(&str, &OsStr)> = vec![
+        ("MAGIC", OsStr::new(r"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00")),
+        ("MASK", OsStr::new(r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff")),
+        ("FAKE", fake.as_os_str()),
+        ("DRIVER", driver.as_os_str()),
+        ("NIXQIMG", nixqimg.as_os_str()),
+        ("STATIC", f.static_probe.as_os_str()),
+        ("LDF", f.bt_rpath.as_os_str()),
+    ];
+    let out = in_binfmt_ns(&[], script, &envs);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let median = |block: &str, who: &str| {
+        let mut v: Vec<i64> =
+            block.lines().filter_map(|l| l.strip_prefix(who)?.split_whitespace().nth(1)?.parse().ok()).collect();
+        v.sort();
+        assert_eq!(v.len(), 25, "{who}: {block}");
+        v[v.len() / 2]
+    };
+    let blocks: Vec<&str> = text.split("end\n").filter(|b| !b.trim().is_empty()).collect();
+    assert_eq!(blocks.len(), 2, "{text}");
+    for ((name, bound), block) in [("static", 16), ("loader-first", 17)].into_iter().zip(blocks) {
+        let added = median(block, "nixqimg ") - median(block, "base ");
+        eprintln!("{name}: {added} page faults per exec by nixqimg (bound {bound})");
+        assert!(added <= bound, "{name}: {added} page faults per exec by nixqimg, bound {bound}");
+    }
+}

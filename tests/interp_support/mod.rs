@@ -161,7 +161,12 @@ pub fn write_exe(path: &Path, bytes: &[u8]) {
 
 /// A binfmt_misc registration line for nixqimg under `name`, matching aarch64 ELF programs.
 pub fn aarch64_entry(flags: &str) -> String {
-    format!(":nixqimg-test-aarch64:M::{MAGIC}:{MASK}:{NIXQIMG}:{flags}")
+    aarch64_entry_for(Path::new(NIXQIMG), flags)
+}
+
+/// The same entry for another interpreter (the static release build, a stand-in).
+pub fn aarch64_entry_for(interpreter: &Path, flags: &str) -> String {
+    format!(":nixqimg-test-aarch64:M::{MAGIC}:{MASK}:{}:{flags}", interpreter.display())
 }
 
 /// Runs `script` with bash in a new user + mount namespace whose own binfmt_misc instance holds
