@@ -359,6 +359,13 @@ fn missing_library_dirs(req: &Request, probe: &Budget, loader: &Path, relocated:
             candidates.push(paths::join(s, sub));
         }
     }
+    // Where the previous library was found among `own`. DT_NEEDED and RUNPATH both follow the link
+    // line (nixpkgs' ld-wrapper adds -rpath in the order of -L), forwards or backwards, and a
+    // library's directory often holds the next one too (glibc's libm and libc): looking there and
+    // beside it first takes a Nix-like program (12 libraries, 13 directories) from 91 stats to 58
+    // in reverse order and about one per library in order. Whether a library is found does not
+    // depend on the order the directories are tried in; only the count of probes does.
+    let mut last: Option<usize> = None;
     for lib in &req.facts.needed {
         if probe.spent.get() {
             break;
@@ -367,7 +374,29 @@ fn missing_library_dirs(req: &Request, probe: &Budget, loader: &Path, relocated:
         if lib.as_os_str().as_bytes().contains(&b'/') {
             continue;
         }
-        if own.iter().chain(extra.iter()).any(|d| !probe.spent.get() && probe.is_file(&paths::join(d, lib))) {
+        let hit = |i: usize| !probe.spent.get() && probe.is_file(&paths::join(&own[i], lib));
+        let near = last.map_or([usize::MAX; 3], |l| [l + 1, l, l.wrapping_sub(1)]);
+        // Plain loops: iterator adapters would be generic code outside the interpreter's text.
+        let mut found = None;
+        for i in near {
+            if i < own.len() && hit(i) {
+                found = Some(i);
+                break;
+            }
+        }
+        if found.is_none() {
+            for i in 0..own.len() {
+                if i != near[0] && i != near[1] && i != near[2] && hit(i) {
+                    found = Some(i);
+                    break;
+                }
+            }
+        }
+        if let Some(i) = found {
+            last = Some(i);
+            continue;
+        }
+        if extra.iter().any(|d| !probe.spent.get() && probe.is_file(&paths::join(d, lib))) {
             continue;
         }
         if let Some(d) = candidates.iter().find(|d| probe.is_file(&paths::join(d, lib))) {
@@ -932,6 +961,62 @@ mod tests {
         assert_eq!(p.mode, Mode::Direct, "{:?}", p.why);
         assert!(probe.1.get() < MAX_PROBES as usize / 2, "{} probes", probe.1.get());
         // 145
+    }
+
+    /// The library search looks beside the previous find first: fewer probes for RUNPATHs in the
+    /// libraries' order or its reverse, and the same plan as a search in plain order wherever the
+    /// libraries lie (some only in a sysroot, some nowhere).
+    #[test]
+    fn libraries_are_looked_for_beside_the_previous_one_and_found_wherever_they_lie() {
+        let loader = "/lib/ld-linux-aarch64.so.1";
+        let dirs: Vec<String> = (0..12).map(|i| format!("/nix/store/{i:032}-dep{i}/lib")).collect();
+        let sysroot_lib = "/usr/aarch64-linux-gnu/lib";
+        let probes = |order: &[usize]| {
+            let rp = order.iter().map(|&i| dirs[i].as_str()).collect::<Vec<_>>().join(":");
+            let f = hostile_facts(loader.as_bytes(), Some(rp.as_bytes()), 12);
+            let mut names = vec![loader.to_string()];
+            names.extend((0..12).map(|i| format!("{}/libmissing{i}.so", dirs[i])));
+            let files = fs(&names.iter().map(String::as_str).collect::<Vec<_>>());
+            let probe = Counting(&files, 0.into());
+            let p = plan(&req(&f, "/p/bin/x", &[], &[], Strategy::Auto, 4096), &probe).unwrap();
+            assert_eq!(p.mode, Mode::Direct, "{:?}", p.why);
+            probe.1.get()
+        };
+        let forward: Vec<usize> = (0..12).collect();
+        let backward: Vec<usize> = (0..12).rev().collect();
+        // One stat for the loader, then the libraries.
+        assert!(probes(&forward) <= 1 + 12, "{}", probes(&forward));
+        assert!(probes(&backward) <= 1 + 12 + 3 * 11, "{}", probes(&backward));
+
+        let mut seed = 0x1234_5678_9abc_def1u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for _ in 0..300 {
+            // Library i lies in RUNPATH directory place[i] (0..12), in the sysroot (12) or nowhere (13).
+            let place: Vec<usize> = (0..12).map(|_| if next(4) == 0 { 12 + next(2) } else { next(12) }).collect();
+            let rp = dirs.join(":");
+            let f = hostile_facts(loader.as_bytes(), Some(rp.as_bytes()), 12);
+            let mut names = vec![loader.to_string()];
+            for (i, &d) in place.iter().enumerate() {
+                match d {
+                    0..=11 => names.push(format!("{}/libmissing{i}.so", dirs[d])),
+                    12 => names.push(format!("{sysroot_lib}/libmissing{i}.so")),
+                    _ => {}
+                }
+            }
+            let files = fs(&names.iter().map(String::as_str).collect::<Vec<_>>());
+            let p = plan(&req(&f, "/p/bin/x", &[], &[], Strategy::Auto, 4096), &files).unwrap();
+            let expect = if place.contains(&12) {
+                Mode::LoaderFirst { loader: loader.into(), library_path: vec![sysroot_lib.into()], argv0: true }
+            } else {
+                Mode::Direct
+            };
+            assert_eq!(p.mode, expect, "{place:?}");
+        }
     }
 
     /// Regression (issue 12): a 4 KiB PT_INTERP that exists nowhere and a RUNPATH of 4096
