@@ -68,7 +68,7 @@ impl Probe for RealProbe {
         }
     }
     fn canonicalize(&self, path: &Path) -> Option<PathBuf> {
-        std::fs::canonicalize(path).ok()
+        crate::interp::sys::canonical(path)
     }
 }
 

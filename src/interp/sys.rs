@@ -53,6 +53,27 @@ pub fn link_target_name<'b>(path: &Path, buf: &'b mut [u8; 256]) -> Option<&'b [
     Some(t.rsplit(|&c| c == b'/').next().unwrap_or(t))
 }
 
+/// `path` with every symlink resolved, as std::fs::canonicalize gives it, but into a buffer of ours:
+/// given none, realpath mallocs its answer, and musl's malloc sets itself up with five system calls
+/// (brk, mmap, munmap) and pages of its own on the interpreter's path. Never inlined: its 4 KiB
+/// buffer would grow the frame of every caller, a stack page each exec faults in whether the path
+/// is resolved or not.
+#[inline(never)]
+pub fn canonical(path: &Path) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut out = [0u8; libc::PATH_MAX as usize];
+    with_c_path(path, |c| {
+        // SAFETY: `c` is a NUL-terminated path and `out` holds PATH_MAX bytes, the most realpath
+        // writes (its answer and the NUL).
+        let r = unsafe { libc::realpath(c.as_ptr(), out.as_mut_ptr().cast()) };
+        (!r.is_null()).then(|| {
+            let n = out.iter().position(|&b| b == 0).unwrap_or(out.len());
+            std::path::PathBuf::from(std::ffi::OsString::from_vec(out[..n].to_vec()))
+        })
+    })
+    .flatten()
+}
+
 /// Opens `path` read-only and close-on-exec.
 pub fn open_read(path: &Path) -> io::Result<std::fs::File> {
     use std::os::fd::FromRawFd;
@@ -83,6 +104,22 @@ pub fn file_size(f: &std::fs::File) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn canonical_is_what_std_canonicalize_says() {
+        let d = std::env::temp_dir().join(format!("nixqimg-canon-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("real/bin")).unwrap();
+        std::fs::write(d.join("real/bin/x"), b"x").unwrap();
+        std::os::unix::fs::symlink("real", d.join("link")).unwrap();
+        std::os::unix::fs::symlink("../real/bin/x", d.join("real/x")).unwrap();
+        for p in ["link/bin/x", "real/x", "link/./bin/../bin/x", "real"] {
+            let p = d.join(p);
+            assert_eq!(canonical(&p), Some(std::fs::canonicalize(&p).unwrap()), "{p:?}");
+        }
+        assert_eq!(canonical(&d.join("missing")), None);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn link_target_name_is_the_targets_last_component() {
