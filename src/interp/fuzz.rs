@@ -24,16 +24,17 @@ const PROBE_LIMIT: usize = 416;
 /// An input this slow is a finding (a real exec's whole budget is a few hundred µs).
 const SLOW: Duration = Duration::from_millis(250);
 
-/// xorshift64*: deterministic, so a failing input can be regenerated from its seed and index.
-struct Rng(u64);
+/// xorshift64*: deterministic, so a failing input can be regenerated from its seed and index. The
+/// planner's and paths' generated-input tests draw from it too.
+pub(crate) struct Rng(pub(crate) u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
-    fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         (self.next() % n.max(1) as u64) as usize
     }
 }

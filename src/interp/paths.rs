@@ -113,16 +113,12 @@ mod tests {
             p.map(|p| p.components().filter(|c| *c != std::path::Component::CurDir).collect::<PathBuf>())
         };
         let parts = ["/", "//", "a", "ld.so", ".", "..", "/."];
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = crate::interp::fuzz::Rng(0x2545_f491_4f6c_dd1d);
         for _ in 0..20_000 {
             let mut s = String::new();
-            for _ in 0..(seed % 6) {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                s.push_str(parts[(seed % parts.len() as u64) as usize]);
+            for _ in 0..rng.below(6) {
+                s.push_str(parts[rng.below(parts.len())]);
             }
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
             let p = Path::new(&s);
             assert_eq!(file_name(p), p.file_name(), "{s:?}");
             assert_eq!(norm(parent(p)), norm(p.parent()), "{s:?}");

@@ -874,13 +874,8 @@ mod tests {
         let parts: [&[u8]; 9] = [b":", b"$ORIGIN", b"${ORIGIN}", b"$", b"{", b"/lib", b"a", b"$ORIG", b"::"];
         let bt = format!("/{BT}").into_bytes();
         let tree_parts: [&[u8]; 6] = [b"/", b"bin", b"x", &bt[..], b"-bootstrap-tools", b"nix"];
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rng = crate::interp::fuzz::Rng(0x9e37_79b9_7f4a_7c15);
+        let mut next = |n: usize| rng.below(n);
         let mut found = 0;
         for _ in 0..20_000 {
             let rp: Vec<u8> = (0..next(8)).flat_map(|_| parts[next(parts.len())].to_vec()).collect();
@@ -988,13 +983,8 @@ mod tests {
         assert!(probes(&forward) <= 1 + 12, "{}", probes(&forward));
         assert!(probes(&backward) <= 1 + 12 + 3 * 11, "{}", probes(&backward));
 
-        let mut seed = 0x1234_5678_9abc_def1u64;
-        let mut next = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rng = crate::interp::fuzz::Rng(0x1234_5678_9abc_def1);
+        let mut next = |n: usize| rng.below(n);
         for _ in 0..300 {
             // Library i lies in RUNPATH directory place[i] (0..12), in the sysroot (12) or nowhere (13).
             let place: Vec<usize> = (0..12).map(|_| if next(4) == 0 { 12 + next(2) } else { next(12) }).collect();
