@@ -160,6 +160,30 @@ fn script_whose_shebang_is_a_relocated_foreign_shell() {
 }
 
 #[test]
+fn nixqimg_log_writes_the_elf_facts_and_the_exec_to_its_file() {
+    let f = fixtures();
+    let log = f.dir.join(format!("interp-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let script = r#"NIXQIMG_LOG=debug NIXQIMG_LOG_FILE="$L" PROBE_MODE=exit:0 "$P" x; echo "rc=$?"
+NIXQIMG_LOG=error NIXQIMG_LOG_FILE="$L" PROBE_MODE=exit:0 "$P" y; echo "rc=$?""#;
+    let envs = [("P", f.bt_inplace.as_os_str()), ("L", log.as_os_str())];
+    let out = in_binfmt_ns(&[aarch64_entry("PF")], script, &envs);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "rc=0\nrc=0\n", "{}", String::from_utf8_lossy(&out.stderr));
+    // Nothing on the program's stderr: the log went to the file.
+    assert_eq!(stderr_lines(&out), Vec::<String>::new());
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::remove_file(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // Two events from the first exec, none from the second (filtered out at `error`).
+    assert_eq!(lines.len(), 2, "{text}");
+    let loader = f.bt.join("lib/ld-linux-aarch64.so.1").display().to_string();
+    assert_eq!(lines[0], format!("DEBUG elf arch=\"aarch64\" interp=Some({loader:?})"), "{text}");
+    assert!(lines[1].starts_with("DEBUG exec argv=["), "{text}");
+    assert!(lines[1].contains(&format!("{:?}, \"x\"]", f.bt_inplace.display().to_string())), "{text}");
+    assert!(lines[1].contains(" why=["), "{text}");
+}
+
+#[test]
 fn missing_loader_is_one_line_and_127() {
     let f = fixtures();
     let out = in_binfmt_ns(&[aarch64_entry("PF")], r#""$P" x; echo "rc=$?""#, &[("P", f.no_loader.as_os_str())]);

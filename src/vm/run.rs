@@ -10,7 +10,8 @@ use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
@@ -596,7 +597,11 @@ fn watch(bin: &str, argv: &[OsString], until: Option<&str>, timeout: Option<Dura
         Error::new(format!("cannot run {bin}: {e}")).hint(format!("install the Debian package {pkg}")).code(127)
     })?;
     let mut child = Reaped(child);
-    let (tx, rx) = mpsc::channel::<()>();
+    // Set by the reader when the marker went by. A flag, not a channel: std's channels keep a
+    // thread-local that, with the rest, overflowed musl's built-in TLS block (see src/logging.rs),
+    // and this binary is also the interpreter, which pays for its TLS on every foreign exec.
+    let seen = Arc::new(AtomicBool::new(false));
+    let tx = Arc::clone(&seen);
     // The console goes to our stdout in both modes; with a marker it is also scanned line by line.
     // (Taking stdout only when a marker was given left `--timeout` alone with nobody reading the pipe:
     // QEMU's writes failed with EPIPE and the console was lost.)
@@ -617,7 +622,7 @@ fn watch(bin: &str, argv: &[OsString], until: Option<&str>, timeout: Option<Dura
                     if b == b'\n' {
                         if memchr::memmem::find(&line, marker).is_some() {
                             let _ = stdout.lock().flush();
-                            let _ = tx.send(());
+                            tx.store(true, Ordering::Release);
                             return;
                         }
                         line.clear();
@@ -632,7 +637,7 @@ fn watch(bin: &str, argv: &[OsString], until: Option<&str>, timeout: Option<Dura
     });
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
-        if rx.try_recv().is_ok() {
+        if seen.load(Ordering::Acquire) {
             return Ok(());
         }
         if let Some(st) = child.0.try_wait().map_err(|e| Error::new(format!("waiting for {bin}: {e}")))? {
@@ -641,7 +646,7 @@ fn watch(bin: &str, argv: &[OsString], until: Option<&str>, timeout: Option<Dura
             if let Some(r) = reader {
                 let _ = r.join();
             }
-            if rx.try_recv().is_ok() {
+            if seen.load(Ordering::Acquire) {
                 return Ok(());
             }
             return match (until, st.code()) {
