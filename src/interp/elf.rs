@@ -107,11 +107,31 @@ fn checked_range(off: u64, len: usize, what: &'static str) -> Result<(), ElfErro
     }
 }
 
-fn read_exact_at(file: &File, buf: &mut [u8], off: u64, what: &'static str) -> Result<(), ElfError> {
-    if read_upto_at(file, buf, off, what)? < buf.len() {
-        return Err(ElfError::Truncated(what));
+/// The program, and its first bytes as already read. A read that lies inside them is served from
+/// memory: PT_INTERP, the dynamic section and its strings nearly always sit in a program's first
+/// 4 KiB, and reading them again cost every dynamic exec three preads.
+struct Source<'a> {
+    file: &'a File,
+    head: &'a [u8],
+}
+
+impl Source<'_> {
+    fn exact_at(&self, buf: &mut [u8], off: u64, what: &'static str) -> Result<(), ElfError> {
+        if self.upto_at(buf, off, what)? < buf.len() {
+            return Err(ElfError::Truncated(what));
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Up to `buf.len()` bytes at `off`, fewer only at the end of the file: `read_upto_at`'s answer.
+    fn upto_at(&self, buf: &mut [u8], off: u64, what: &'static str) -> Result<usize, ElfError> {
+        checked_range(off, buf.len(), what)?;
+        if let Some(inside) = usize::try_from(off).ok().and_then(|o| self.head.get(o..o.checked_add(buf.len())?)) {
+            buf.copy_from_slice(inside);
+            return Ok(buf.len());
+        }
+        read_upto_at(self.file, buf, off, what)
+    }
 }
 
 /// Reads up to `buf.len()` bytes at `off`; fewer only at the end of the file.
@@ -143,6 +163,7 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
     let mut head = [0u8; 4096];
     let n = read_some(file, &mut head)?;
     let head = &head[..n];
+    let src = Source { file, head };
     if head.len() < 4 || &head[..4] != b"\x7fELF" {
         return Err(ElfError::NotElf);
     }
@@ -196,7 +217,7 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
         }
         _ => {
             far = zeroed(phbytes);
-            read_exact_at(file, &mut far, phoff, "the program header table")?;
+            src.exact_at(&mut far, phoff, "the program header table")?;
             &far[..]
         }
     };
@@ -213,7 +234,7 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
                 if interp.is_some() {
                     return Err(ElfError::Malformed("more than one PT_INTERP"));
                 }
-                interp = Some(read_interp(file, ph)?);
+                interp = Some(read_interp(&src, ph)?);
             }
             PT_DYNAMIC => dynamic = Some(ph.clone()),
             _ => {}
@@ -229,7 +250,7 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
     }
     // Static programs (and static-pie) have nothing more the planner uses.
     let d = match (dynamic, interp.is_some()) {
-        (Some(dynph), true) => read_dynamic(file, &dynph, &phdrs, class, endian)?,
+        (Some(dynph), true) => read_dynamic(&src, &dynph, &phdrs, class, endian)?,
         _ => Dynamic::default(),
     };
     // Built once from what was read: assigning into a made struct drops its empty Vec through
@@ -288,12 +309,12 @@ fn zeroed(len: usize) -> Vec<u8> {
 }
 
 /// PT_INTERP's path, up to its first NUL.
-fn read_interp(file: &File, ph: &ProgramHeader) -> Result<Vec<u8>, ElfError> {
+fn read_interp(src: &Source, ph: &ProgramHeader) -> Result<Vec<u8>, ElfError> {
     if ph.p_filesz < 2 || ph.p_filesz > MAX_INTERP {
         return Err(ElfError::Malformed("PT_INTERP size out of range"));
     }
     let mut buf = zeroed(ph.p_filesz as usize);
-    read_exact_at(file, &mut buf, ph.p_offset, "PT_INTERP")?;
+    src.exact_at(&mut buf, ph.p_offset, "PT_INTERP")?;
     // The kernel insists on the terminating NUL and uses the string up to the first one.
     if buf.last() != Some(&0) {
         return Err(ElfError::Malformed("PT_INTERP is not NUL-terminated"));
@@ -323,7 +344,7 @@ fn vaddr_to_offset(phdrs: &[ProgramHeader], vaddr: u64) -> Option<(u64, u64)> {
 }
 
 fn read_dynamic(
-    file: &File,
+    src: &Source,
     dynph: &ProgramHeader,
     phdrs: &[ProgramHeader],
     class: Class,
@@ -335,7 +356,7 @@ fn read_dynamic(
         return Ok(Dynamic::default());
     }
     let mut buf = zeroed(len);
-    read_exact_at(file, &mut buf, dynph.p_offset, "the dynamic section")?;
+    src.exact_at(&mut buf, dynph.p_offset, "the dynamic section")?;
     let word = |b: &[u8]| -> u64 {
         match (class, endian) {
             (Class::Elf64, Endian::Little) => u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])),
@@ -389,7 +410,7 @@ fn read_dynamic(
     }
     let mut window = zeroed((end - min) as usize);
     let at = str_off.checked_add(min).ok_or(ElfError::Truncated("the dynamic strings"))?;
-    let n = read_upto_at(file, &mut window, at, "the dynamic strings")?;
+    let n = src.upto_at(&mut window, at, "the dynamic strings")?;
     window.truncate(n);
     let string = |off: u64| -> Option<Vec<u8>> {
         let rel = usize::try_from(off.checked_sub(min)?).ok()?;
@@ -565,6 +586,29 @@ pub(crate) mod tests {
         let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
         let _ = std::fs::remove_file(&p);
         f
+    }
+
+    /// Whatever the offset and length, a read served from the first bytes answers what a pread
+    /// answers: inside them, across their end, past the end of a short file, past the end of a long
+    /// one.
+    #[test]
+    fn reads_served_from_the_head_equal_preads() {
+        let mut rng = crate::interp::fuzz::Rng(0x0bad_cafe_f00d_1234);
+        for size in [100usize, 4095, 4096, 6000] {
+            let bytes: Vec<u8> = (0..size).map(|_| rng.next() as u8).collect();
+            let mut t = tempfile();
+            t.write_all(&bytes).unwrap();
+            let head = &bytes[..size.min(4096)];
+            let src = Source { file: &t, head };
+            for _ in 0..2000 {
+                let off = rng.below(size + 200) as u64;
+                let len = rng.below(5000);
+                let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+                let served = src.upto_at(&mut a, off, "x").unwrap();
+                let read = read_upto_at(&t, &mut b, off, "x").unwrap();
+                assert_eq!((served, &a[..served]), (read, &b[..read]), "size {size}, {len} bytes at {off}");
+            }
+        }
     }
 
     #[test]
