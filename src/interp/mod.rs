@@ -231,10 +231,17 @@ fn absolute(p: OsString) -> OsString {
     if p.as_bytes().first() == Some(&b'/') {
         return p;
     }
-    match std::env::current_dir() {
-        Ok(d) => d.join(&p).into_os_string(),
-        Err(_) => p,
+    match sys::current_dir().or_else(cold_current_dir) {
+        Some(d) => paths::join(&d, &p).into_os_string(),
+        None => p,
     }
+}
+
+/// std's answer, for a working directory sys::current_dir could not give (deeper than PATH_MAX).
+#[cold]
+#[inline(never)]
+fn cold_current_dir() -> Option<PathBuf> {
+    std::env::current_dir().ok()
 }
 
 /// Does `path` open, for reading by us, the very file `f` is (same device and inode)?
