@@ -3,6 +3,12 @@
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 
+/// The hasher of every HashMap and HashSet in the binary: std's RandomState keeps its random keys in
+/// a thread-local, and that one made the binary's TLS block too big for musl's built-in one on
+/// aarch64 (see src/logging.rs): an mmap and a page fault on every foreign exec. None of these maps
+/// holds keys an attacker chooses (inode numbers, chunk indices, file names of our own directory).
+pub type FixedState = std::hash::BuildHasherDefault<std::hash::DefaultHasher>;
+
 /// Shell-quotes one argument for display (`--explain`), byte-exact for non-UTF-8.
 pub fn shell_quote(a: &std::ffi::OsStr) -> String {
     let s = a.to_string_lossy();

@@ -68,7 +68,7 @@ pub const BINFMT_D: &[&str] = &["/etc/binfmt.d", "/run/binfmt.d", "/usr/local/li
 /// A file name masked by an earlier directory (e.g. `/etc/binfmt.d/x.conf -> /dev/null`) is skipped,
 /// as systemd does.
 pub fn read_binfmt_d(dirs: &[PathBuf]) -> Vec<(PathBuf, Entry)> {
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = std::collections::HashSet::with_hasher(crate::util::FixedState::default());
     let mut out = Vec::new();
     for d in dirs {
         let Ok(rd) = std::fs::read_dir(d) else { continue };

@@ -45,7 +45,7 @@ fn mkdir(p: &Path, mode: u32) -> Result<()> {
 struct Links {
     on: bool,
     dev: u64,
-    seen: std::collections::HashSet<(u64, u64)>,
+    seen: std::collections::HashSet<(u64, u64), crate::util::FixedState>,
 }
 
 impl Links {

@@ -265,7 +265,7 @@ struct LazyEsp<'a> {
     start: u64,
     len: u64,
     pos: u64,
-    chunks: std::collections::HashMap<u64, Vec<u8>>,
+    chunks: std::collections::HashMap<u64, Vec<u8>, crate::util::FixedState>,
     fetched: u64,
 }
 
