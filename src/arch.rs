@@ -55,7 +55,11 @@ pub struct Arch {
 const M_64LE: [u8; 20] = *b"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff";
 const M_X86: [u8; 20] = *b"\xff\xff\xff\xff\xff\xfe\xfe\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff";
 
-pub static ARCHES: &[Arch] = &[
+pub static ARCHES: &[Arch] = &TABLE;
+
+/// A named static, not an anonymous constant, so that src/interp/text-order.ld can place it with the
+/// interpreter's read-only data.
+static TABLE: [Arch; 9] = [
     Arch {
         name: "x86_64",
         nix_system: "x86_64-linux",

@@ -111,11 +111,15 @@ pub fn open_read(path: &Path) -> io::Result<std::fs::File> {
 pub fn file_size(f: &std::fs::File) -> io::Result<u64> {
     use std::os::fd::AsRawFd;
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: fstat fills `st` for an open fd when it returns 0; only then is it read.
-    if unsafe { libc::fstat(f.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+    // musl's fstat is fstatat(fd, "", AT_EMPTY_PATH), and reading its "" from musl's strings, apart
+    // from the interpreter's read-only data (src/interp/text-order.ld), cost a page fault per exec.
+    let empty: [libc::c_char; 1] = [0];
+    // SAFETY: `empty` is a NUL-terminated empty path; with AT_EMPTY_PATH fstatat fills `st` for the
+    // open fd when it returns 0, and only then is `st` read.
+    if unsafe { libc::fstatat(f.as_raw_fd(), empty.as_ptr(), st.as_mut_ptr(), libc::AT_EMPTY_PATH) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: initialised by the successful fstat above.
+    // SAFETY: initialised by the successful fstatat above.
     Ok(unsafe { st.assume_init() }.st_size as u64)
 }
 
