@@ -17,7 +17,18 @@ use tracing::{Event, Level, Metadata, Subscriber};
 
 /// Installs a subscriber writing to stderr, or to `file` when given. Returns whether one was set.
 pub fn init(filter: Option<&str>, file: Option<&Path>) -> bool {
-    let Some(filter) = filter else { return false };
+    match filter {
+        Some(filter) => install(filter, file),
+        None => false,
+    }
+}
+
+/// Out of the interpreter's hot text (`#[cold]` code goes to `.text.unlikely`, which
+/// src/interp/text-order.ld leaves where it is): every foreign exec calls `init`, and only the
+/// few that ask for a log need the 4 KiB of parsing and opening behind it.
+#[cold]
+#[inline(never)]
+fn install(filter: &str, file: Option<&Path>) -> bool {
     let out = match file.and_then(|f| std::fs::OpenOptions::new().create(true).append(true).open(f).ok()) {
         Some(f) => Out::File(Mutex::new(f)),
         None => Out::Stderr,
