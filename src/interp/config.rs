@@ -111,11 +111,14 @@ pub fn load(self_exe: Option<&Path>, env: &dyn Env, secure: bool) -> Config {
         if let Some(s) = env.var("NIXQIMG_STRATEGY") {
             match s.to_str().and_then(|s| s.parse().ok()) {
                 Some(st) => c.strategy = st,
-                None => c.warnings.push(format!(
-                    "NIXQIMG_STRATEGY={} is not auto, direct or loader-first; using {}",
-                    s.to_string_lossy(),
-                    c.strategy
-                )),
+                None => warn(
+                    &mut c.warnings,
+                    format_args!(
+                        "NIXQIMG_STRATEGY={} is not auto, direct or loader-first; using {}",
+                        s.to_string_lossy(),
+                        c.strategy
+                    ),
+                ),
             }
         }
         if let Some(s) = env.var("NIXQIMG_SYSROOT") {
@@ -150,25 +153,38 @@ pub fn load(self_exe: Option<&Path>, env: &dyn Env, secure: bool) -> Config {
     c
 }
 
+/// Under AT_SECURE: are the config file and its directory root-owned and writable by nobody else?
+#[cold]
+#[inline(never)]
+fn root_owned(file: &Path, f: &std::fs::File) -> bool {
+    let trusted = |m: &std::fs::Metadata| m.uid() == 0 && m.mode() & 0o022 == 0;
+    let dir_ok = file.parent().and_then(|d| std::fs::metadata(d).ok()).is_some_and(|m| trusted(&m));
+    let file_ok = f.metadata().ok().is_some_and(|m| trusted(&m) && m.is_file());
+    dir_ok && file_ok
+}
+
+/// A problem with the settings, worded only when there is one: `#[cold]`, so the wording stays out
+/// of `load`'s hot code (src/interp/text-order.ld).
+#[cold]
+#[inline(never)]
+fn warn(warnings: &mut Vec<String>, what: std::fmt::Arguments) {
+    warnings.push(what.to_string());
+}
+
 /// Reads the config file, or nothing. Under AT_SECURE only a file nobody but root can change counts.
 fn read_trusted(file: &Path, secure: bool, warnings: &mut Vec<String>) -> Option<Vec<u8>> {
     use std::io::Read;
     let f = crate::interp::sys::open_read(file).ok()?;
-    if secure {
-        let trusted = |m: &std::fs::Metadata| m.uid() == 0 && m.mode() & 0o022 == 0;
-        let dir_ok = file.parent().and_then(|d| std::fs::metadata(d).ok()).is_some_and(|m| trusted(&m));
-        let file_ok = f.metadata().ok().is_some_and(|m| trusted(&m) && m.is_file());
-        if !(dir_ok && file_ok) {
-            warnings.push(format!(
-                "{}: ignored for a setuid program: not root-owned or writable by others",
-                file.display()
-            ));
-            return None;
-        }
+    if secure && !root_owned(file, &f) {
+        warn(
+            warnings,
+            format_args!("{}: ignored for a setuid program: not root-owned or writable by others", file.display()),
+        );
+        return None;
     }
     let mut buf = Vec::new();
     if let Err(e) = f.take(MAX_CONFIG).read_to_end(&mut buf) {
-        warnings.push(format!("{}: {e}", file.display()));
+        warn(warnings, format_args!("{}: {e}", file.display()));
         return None;
     }
     Some(buf)
@@ -183,7 +199,7 @@ fn apply_file(c: &mut Config, file: &Path, text: &[u8]) {
             continue;
         }
         let Some(eq) = line.iter().position(|&b| b == b'=') else {
-            c.warnings.push(format!("{}:{}: expected key = value", file.display(), n + 1));
+            warn(&mut c.warnings, format_args!("{}:{}: expected key = value", file.display(), n + 1));
             continue;
         };
         let (key, value) = (trim(&line[..eq]), trim(&line[eq + 1..]));
@@ -193,11 +209,14 @@ fn apply_file(c: &mut Config, file: &Path, text: &[u8]) {
             b"sysroot" => c.sysroots.push(path()),
             b"strategy" => match std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()) {
                 Some(s) => c.strategy = s,
-                None => c.warnings.push(format!("{}:{}: unknown strategy", file.display(), n + 1)),
+                None => warn(&mut c.warnings, format_args!("{}:{}: unknown strategy", file.display(), n + 1)),
             },
             b"log" => c.log = Some(String::from_utf8_lossy(value).into_owned()),
             b"log_file" => c.log_file = Some(path()),
-            _ => c.warnings.push(format!("{}:{}: unknown key {}", file.display(), n + 1, String::from_utf8_lossy(key))),
+            _ => warn(
+                &mut c.warnings,
+                format_args!("{}:{}: unknown key {}", file.display(), n + 1, String::from_utf8_lossy(key)),
+            ),
         }
     }
 }

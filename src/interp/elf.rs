@@ -68,6 +68,7 @@ pub enum ElfError {
 }
 
 impl std::fmt::Display for ElfError {
+    #[cold]
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ElfError::Io(e) => write!(f, "cannot read: {e}"),
@@ -419,7 +420,7 @@ fn read_dynamic(
         Some(s[..len].to_vec())
     };
     // Every field given: `..Dynamic::default()` would make and drop a Vec of its own.
-    let mut d = Dynamic { needed: Vec::new(), runpath: None, runpath_is_rpath: false };
+    let mut d = Dynamic { needed: Vec::with_capacity(needed.len()), runpath: None, runpath_is_rpath: false };
     for &o in &needed {
         if let Some(s) = string(o).filter(|s| !s.is_empty()) {
             d.needed.push(s);

@@ -111,50 +111,28 @@ fn run(args: &[&OsStr]) -> Result<Never, Fail> {
     let entries = config::Entries::new(&environ);
     let env: &dyn config::Env = if secure { &config::NoEnv } else { &entries };
     let cfg = config::load(self_exe.as_deref(), env, secure);
-    let _log = crate::logging::init(cfg.log.as_deref(), cfg.log_file.as_deref());
+    let log = crate::logging::init(cfg.log.as_deref(), cfg.log_file.as_deref());
 
     let path = args[1];
-    // With O/C the kernel opened the program for us: use that file, race-free. qemu must open it
-    // again by a path, and whatever fd is open at our exec is open in the guest too (qemu closes
-    // only its own). So when the path still names the same file and we can read it, hand qemu the
-    // path and let the kernel's fd close at exec; else (an execute-only file, or a setuid program,
-    // where a swapped path would run another file with raised credentials) /proc/self/fd/N, and the
-    // guest inherits fd N.
+    // With O/C the kernel opened the program for us (kernel_opened says what we do with it).
     let (file, program) = if execfd > 0 && execfd < i32::MAX as u64 {
-        // SAFETY: the kernel put an open fd of the program into AT_EXECFD for this process; it stays
-        // open (ManuallyDrop) in case qemu has to open it again through /proc/self/fd.
-        let f = ManuallyDrop::new(unsafe { File::from_raw_fd(execfd as i32) });
-        if !secure && same_readable_file(&f, path) {
-            // SAFETY: F_SETFD on the fd the kernel gave us; no memory is involved.
-            unsafe { libc::fcntl(execfd as i32, libc::F_SETFD, libc::FD_CLOEXEC) };
-            (f, path.to_os_string())
-        } else {
-            (f, OsString::from(format!("/proc/self/fd/{execfd}")))
-        }
+        kernel_opened(execfd as i32, path, secure)
     } else {
-        let f = sys::open_read(Path::new(path)).map_err(|e| Fail {
-            code: if e.kind() == std::io::ErrorKind::NotFound { code::NOT_FOUND } else { code::CANNOT_EXEC },
-            what: format!("cannot open: {e}"),
-            hint: "",
-        })?;
+        let f = sys::open_read(Path::new(path)).map_err(open_fail)?;
         (ManuallyDrop::new(f), path.to_os_string())
     };
     // qemu answers the guest's /proc/self/exe from the path it was given, resolved when asked: a
     // relative one breaks as soon as the program changes directory (qemu 7.2). Hand it an absolute one.
     let program = absolute(program);
-    let facts = elf::read(&file).map_err(|e| Fail {
-        what: e.to_string(),
-        hint: match e {
-            elf::ElfError::UnknownMachine { .. } => "see 'nixqimg status' for the architectures nixqimg serves",
-            elf::ElfError::Io(_) => "",
-            _ => "the file is damaged or not a program; binfmt_misc matched only its first 20 bytes",
-        },
-        code: code::CANNOT_EXEC,
-    })?;
-    tracing::debug!(arch = facts.arch.name, interp = ?facts.interp.as_deref().map(String::from_utf8_lossy), "elf");
+    let facts = elf::read(&file).map_err(elf_fail)?;
+    if log {
+        log_facts(&facts);
+    }
     // No qemu visible (a chroot or container holding neither nixqimg nor qemu): the exec goes to the
     // qemu that nixqimg's marker entry pinned (crate::route).
     let qemu = find_qemu(&cfg, facts.arch, &RealProbe);
+    // Moved into the request, not cloned: Vec's clone is generic code outside the hot text.
+    let routed = qemu.is_none();
     let req = Request {
         program: &program,
         path,
@@ -162,30 +140,105 @@ fn run(args: &[&OsStr]) -> Result<Never, Fail> {
         args: &args[3..],
         env: &environ,
         facts: &facts,
-        qemu: qemu.clone().unwrap_or_default(),
+        qemu: qemu.unwrap_or_default(),
         strategy: cfg.strategy,
         sysroots: &cfg.sysroots,
         page_size: exec::page_size(),
         secure,
         explain: cfg.log.is_some(),
     };
-    let plan = plan::plan(&req, &RealProbe).map_err(|e| Fail {
+    let plan = plan::plan(&req, &RealProbe).map_err(plan_fail)?;
+    if routed {
+        return Err(routed_exec(&req, &plan, &cfg));
+    }
+    if log {
+        log_exec(&plan);
+    }
+    let e = exec::exec(&plan);
+    Err(exec_fail(e, &plan))
+}
+
+// What only a failure, a log or an O/C registration needs is kept out of `run`, each `#[cold]` (so
+// in .text.unlikely, apart from the interpreter's hot text, src/interp/text-order.ld): inlined, the
+// error wording, tracing's event code and the AT_EXECFD checks made `run` spread its code over two
+// 64 KiB fault-around windows.
+
+/// With O/C the kernel opened the program for us: use that file, race-free. qemu must open it again
+/// by a path, and whatever fd is open at our exec is open in the guest too (qemu closes only its
+/// own). So when the path still names the same file and we can read it, hand qemu the path and let
+/// the kernel's fd close at exec; else (an execute-only file, or a setuid program, where a swapped
+/// path would run another file with raised credentials) /proc/self/fd/N, and the guest inherits fd N.
+#[cold]
+#[inline(never)]
+fn kernel_opened(execfd: i32, path: &OsStr, secure: bool) -> (ManuallyDrop<File>, OsString) {
+    // SAFETY: the kernel put an open fd of the program into AT_EXECFD for this process; it stays
+    // open (ManuallyDrop) in case qemu has to open it again through /proc/self/fd.
+    let f = ManuallyDrop::new(unsafe { File::from_raw_fd(execfd) });
+    if !secure && same_readable_file(&f, path) {
+        // SAFETY: F_SETFD on the fd the kernel gave us; no memory is involved.
+        unsafe { libc::fcntl(execfd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        (f, path.to_os_string())
+    } else {
+        (f, OsString::from(format!("/proc/self/fd/{execfd}")))
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn open_fail(e: std::io::Error) -> Fail {
+    Fail {
+        code: if e.kind() == std::io::ErrorKind::NotFound { code::NOT_FOUND } else { code::CANNOT_EXEC },
+        what: format!("cannot open: {e}"),
+        hint: "",
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn elf_fail(e: elf::ElfError) -> Fail {
+    Fail {
+        what: e.to_string(),
+        hint: match e {
+            elf::ElfError::UnknownMachine { .. } => "see 'nixqimg status' for the architectures nixqimg serves",
+            elf::ElfError::Io(_) => "",
+            _ => "the file is damaged or not a program; binfmt_misc matched only its first 20 bytes",
+        },
+        code: code::CANNOT_EXEC,
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn plan_fail(e: PlanError) -> Fail {
+    Fail {
         what: e.to_string(),
         hint: match e {
             PlanError::LoaderMissing { .. } => "inside a Nix build: is the loader's store path an input? else set sysroot in nixqimg.conf or NIXQIMG_SYSROOT",
         },
         code: code::NOT_FOUND,
-    })?;
-    if qemu.is_none() {
-        return Err(routed_exec(&req, &plan, &cfg));
     }
-    tracing::debug!(argv = ?plan.argv, why = ?plan.why, "exec");
-    let e = exec::exec(&plan);
-    Err(Fail {
+}
+
+#[cold]
+#[inline(never)]
+fn exec_fail(e: std::io::Error, plan: &plan::Plan) -> Fail {
+    Fail {
         code: if e.kind() == std::io::ErrorKind::NotFound { code::NOT_FOUND } else { code::CANNOT_EXEC },
         what: format!("cannot exec {}: {e}", plan.exe.display()),
         hint: "inside a Nix sandbox qemu must be visible: add it to extra-sandbox-paths (see 'nixqimg nix-config')",
-    })
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn log_facts(facts: &elf::ElfFacts) {
+    tracing::debug!(arch = facts.arch.name, interp = ?facts.interp.as_deref().map(String::from_utf8_lossy), "elf");
+}
+
+#[cold]
+#[inline(never)]
+fn log_exec(plan: &plan::Plan) {
+    tracing::debug!(argv = ?plan.argv, why = ?plan.why, "exec");
 }
 
 /// The exec through the marker entry, when no qemu is visible; returns only its failure. Never inlined

@@ -162,6 +162,7 @@ pub enum PlanError {
 const MAX_LOOKED_SHOWN: usize = 16;
 
 impl fmt::Display for PlanError {
+    #[cold]
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PlanError::LoaderMissing { interp, looked } => {
@@ -220,9 +221,15 @@ fn dirname(p: &OsStr) -> PathBuf {
 
 /// RUNPATH entries with `$ORIGIN` expanded, as ld.so would search them.
 pub fn search_dirs(runpath: &[u8], origin: &Path) -> Vec<PathBuf> {
+    search_dirs_and_room(runpath, origin, 0)
+}
+
+/// [`search_dirs`], with capacity for `room` more directories: a push past the capacity runs Vec's
+/// grow code, pages of text outside the interpreter's.
+fn search_dirs_and_room(runpath: &[u8], origin: &Path, room: usize) -> Vec<PathBuf> {
     let o = origin.as_os_str().as_bytes();
     // Pushed into exact capacity by index: split/map/collect is generic code paged in on its own.
-    let mut dirs = Vec::with_capacity(runpath.iter().filter(|&&b| b == b':').count() + 1);
+    let mut dirs = Vec::with_capacity(runpath.iter().filter(|&&b| b == b':').count() + 1 + room);
     let mut start = 0;
     while start <= runpath.len() {
         let end = runpath[start..].iter().position(|&b| b == b':').map_or(runpath.len(), |i| start + i);
@@ -337,7 +344,11 @@ fn find_loader(req: &Request, probe: &Budget, interp: &Path, why: &mut Why) -> R
 fn missing_library_dirs(req: &Request, probe: &Budget, loader: &Path, relocated: bool, why: &mut Why) -> Vec<PathBuf> {
     let arch = req.facts.arch;
     let origin = dirname(req.path);
-    let mut own: Vec<PathBuf> = req.facts.runpath.as_deref().map(|r| search_dirs(r, &origin)).unwrap_or_default();
+    let room = if relocated { 0 } else { 4 };
+    let mut own: Vec<PathBuf> = match req.facts.runpath.as_deref() {
+        Some(r) => search_dirs_and_room(r, &origin, room),
+        None => Vec::with_capacity(room),
+    };
     // ld.so's built-in directories are compiled in and cannot be read off the file. The loader's own
     // directory is NOT assumed among them: a loader copied into another tree (bootstrap-tools, or
     // Debian's ld.so placed in a store path) still searches where it was built for. Debian's
@@ -424,8 +435,17 @@ struct Why {
 impl Why {
     fn push(&mut self, line: impl FnOnce() -> String) {
         if self.keep {
-            self.lines.push(line());
+            self.add(line);
         }
+    }
+
+    /// Only `--explain`, doctor and a log keep the reasons: their formatting is `#[cold]`, in
+    /// .text.unlikely, and not inlined into `plan`, whose hot code it spread over another 64 KiB
+    /// fault-around window.
+    #[cold]
+    #[inline(never)]
+    fn add(&mut self, line: impl FnOnce() -> String) {
+        self.lines.push(line());
     }
 }
 
