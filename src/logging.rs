@@ -17,10 +17,8 @@ use tracing::{Event, Level, Metadata, Subscriber};
 
 /// Installs a subscriber writing to stderr, or to `file` when given. Returns whether one was set.
 pub fn init(filter: Option<&str>, file: Option<&Path>) -> bool {
-    match filter {
-        Some(filter) => install(filter, file),
-        None => false,
-    }
+    let Some(filter) = filter else { return false };
+    install(filter, file)
 }
 
 /// Out of the interpreter's hot text (`#[cold]` code goes to `.text.unlikely`, which
