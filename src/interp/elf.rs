@@ -5,14 +5,16 @@
 //! checked before use, and nothing here can panic or allocate in proportion to a field of the file.
 
 use crate::arch::{self, Arch, Class, Endian};
-use goblin::container::{Container, Ctx};
-use goblin::elf::program_header::{ProgramHeader, PT_DYNAMIC, PT_INTERP, PT_LOAD};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
 pub const ET_EXEC: u16 = 2;
 pub const ET_DYN: u16 = 3;
+
+const PT_LOAD: u32 = 1;
+const PT_DYNAMIC: u32 = 2;
+const PT_INTERP: u32 = 3;
 
 /// The kernel refuses program header tables over 64 KiB; so do we.
 const MAX_PHDRS_BYTES: usize = 64 * 1024;
@@ -150,12 +152,98 @@ fn read_upto_at(file: &File, buf: &mut [u8], off: u64, what: &'static str) -> Re
     Ok(done)
 }
 
-fn u16_at(b: &[u8], off: usize, endian: Endian) -> u16 {
-    let v = [b[off], b[off + 1]];
-    match endian {
-        Endian::Little => u16::from_le_bytes(v),
-        Endian::Big => u16::from_be_bytes(v),
+/// How the file's integers are laid out: its class (word width) and byte order.
+#[derive(Clone, Copy)]
+struct Layout {
+    class: Class,
+    endian: Endian,
+}
+
+impl Layout {
+    /// The `N` bytes at `off`, zeros where `b` ends first (callers size `b`; nothing here panics).
+    fn bytes<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
+        b.get(off..off.saturating_add(N)).and_then(|s| s.try_into().ok()).unwrap_or([0; N])
     }
+    fn u16(self, b: &[u8], off: usize) -> u16 {
+        let v = Self::bytes(b, off);
+        match self.endian {
+            Endian::Little => u16::from_le_bytes(v),
+            Endian::Big => u16::from_be_bytes(v),
+        }
+    }
+    fn u32(self, b: &[u8], off: usize) -> u32 {
+        let v = Self::bytes(b, off);
+        match self.endian {
+            Endian::Little => u32::from_le_bytes(v),
+            Endian::Big => u32::from_be_bytes(v),
+        }
+    }
+    fn u64(self, b: &[u8], off: usize) -> u64 {
+        let v = Self::bytes(b, off);
+        match self.endian {
+            Endian::Little => u64::from_le_bytes(v),
+            Endian::Big => u64::from_be_bytes(v),
+        }
+    }
+    /// An address, offset or size: 4 bytes in ELF32, 8 in ELF64.
+    fn word(self, b: &[u8], off: usize) -> u64 {
+        match self.class {
+            Class::Elf32 => self.u32(b, off) as u64,
+            Class::Elf64 => self.u64(b, off),
+        }
+    }
+    /// The header's e_phoff, e_phentsize and e_phnum: after the entry point, where the word width
+    /// puts them.
+    fn phdr_table(self, header: &[u8]) -> (u64, u16, u16) {
+        match self.class {
+            Class::Elf32 => (self.word(header, 28), self.u16(header, 42), self.u16(header, 44)),
+            Class::Elf64 => (self.word(header, 32), self.u16(header, 54), self.u16(header, 56)),
+        }
+    }
+    fn phentsize(self) -> usize {
+        match self.class {
+            Class::Elf32 => 32,
+            Class::Elf64 => 56,
+        }
+    }
+    /// One program header from its `phentsize` bytes (the two classes order the fields apart).
+    fn phdr(self, e: &[u8]) -> Phdr {
+        match self.class {
+            Class::Elf32 => Phdr {
+                p_type: self.u32(e, 0),
+                p_offset: self.word(e, 4),
+                p_vaddr: self.word(e, 8),
+                p_filesz: self.word(e, 16),
+                p_memsz: self.word(e, 20),
+                p_align: self.word(e, 28),
+            },
+            Class::Elf64 => Phdr {
+                p_type: self.u32(e, 0),
+                p_offset: self.word(e, 8),
+                p_vaddr: self.word(e, 16),
+                p_filesz: self.word(e, 32),
+                p_memsz: self.word(e, 40),
+                p_align: self.word(e, 48),
+            },
+        }
+    }
+    /// The program headers of `table`, decoded as they are walked: no list is built.
+    fn phdrs(self, table: &[u8]) -> impl Iterator<Item = Phdr> + '_ {
+        table.chunks_exact(self.phentsize()).map(move |e| self.phdr(e))
+    }
+}
+
+/// The fields of a program header the planner's checks use. Decoded by hand, not by goblin: its
+/// generic header and table parsing (and the Vec it fills) were a twelfth of the interpreter's
+/// instructions per exec and code of their own in the hot text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Phdr {
+    p_type: u32,
+    p_offset: u64,
+    p_vaddr: u64,
+    p_filesz: u64,
+    p_memsz: u64,
+    p_align: u64,
 }
 
 /// Reads the facts from an open file. Reads at most a few hundred KiB whatever the file says.
@@ -171,18 +259,19 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
     if head.len() < 20 {
         return Err(ElfError::Truncated("the ELF identification"));
     }
-    let (class, container) = match head[4] {
-        1 => (Class::Elf32, Container::Little),
-        2 => (Class::Elf64, Container::Big),
+    let class = match head[4] {
+        1 => Class::Elf32,
+        2 => Class::Elf64,
         _ => return Err(ElfError::Malformed("EI_CLASS is neither 32- nor 64-bit")),
     };
-    let (endian, gendian) = match head[5] {
-        1 => (Endian::Little, goblin::container::Endian::Little),
-        2 => (Endian::Big, goblin::container::Endian::Big),
+    let endian = match head[5] {
+        1 => Endian::Little,
+        2 => Endian::Big,
         _ => return Err(ElfError::Malformed("EI_DATA is neither little- nor big-endian")),
     };
-    let e_type = u16_at(head, 16, endian);
-    let machine = u16_at(head, 18, endian);
+    let lay = Layout { class, endian };
+    let e_type = lay.u16(head, 16);
+    let machine = lay.u16(head, 18);
     let arch = arch::by_elf(machine, class, endian).ok_or(ElfError::UnknownMachine {
         machine,
         class: head[4],
@@ -195,21 +284,17 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
     if head.len() < ehsize {
         return Err(ElfError::Truncated("the ELF header"));
     }
-    let header = goblin::elf::Elf::parse_header(head).map_err(|_| ElfError::Malformed("ELF header"))?;
-    let ctx = Ctx::new(container, gendian);
-    let phentsize = ProgramHeader::size(ctx);
-    if header.e_phnum == 0 {
+    let (phoff, phentsize, phnum) = lay.phdr_table(head);
+    if phnum == 0 {
         return Err(ElfError::Malformed("no program headers"));
     }
-    if header.e_phentsize as usize != phentsize {
+    if phentsize as usize != lay.phentsize() {
         return Err(ElfError::Malformed("e_phentsize does not match the ELF class"));
     }
-    let phnum = header.e_phnum as usize;
-    let phbytes = phnum * phentsize;
+    let phbytes = phnum as usize * lay.phentsize();
     if phbytes > MAX_PHDRS_BYTES {
         return Err(ElfError::Malformed("program header table over 64 KiB"));
     }
-    let phoff = header.e_phoff;
     let mut far;
     let table: &[u8] = match usize::try_from(phoff).ok().and_then(|o| Some((o, o.checked_add(phbytes)?))) {
         Some((start, end)) if end <= head.len() => &head[start..end],
@@ -222,22 +307,21 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
             &far[..]
         }
     };
-    let phdrs = ProgramHeader::parse(table, 0, phnum, ctx).map_err(|_| ElfError::Malformed("program header table"))?;
 
     let mut interp = None;
     let mut span = None;
     let mut dynamic = None;
     let file_size = crate::interp::sys::file_size(file).map_err(ElfError::Io)?;
-    for ph in &phdrs {
+    for ph in lay.phdrs(table) {
         match ph.p_type {
-            PT_LOAD => load_span(ph, file_size, &mut span)?,
+            PT_LOAD => load_span(&ph, file_size, &mut span)?,
             PT_INTERP => {
                 if interp.is_some() {
                     return Err(ElfError::Malformed("more than one PT_INTERP"));
                 }
-                interp = Some(read_interp(&src, ph)?);
+                interp = Some(read_interp(&src, &ph)?);
             }
-            PT_DYNAMIC => dynamic = Some(ph.clone()),
+            PT_DYNAMIC => dynamic = Some(ph),
             _ => {}
         }
     }
@@ -251,7 +335,7 @@ pub fn read(file: &File) -> Result<ElfFacts, ElfError> {
     }
     // Static programs (and static-pie) have nothing more the planner uses.
     let d = match (dynamic, interp.is_some()) {
-        (Some(dynph), true) => read_dynamic(&src, &dynph, &phdrs, class, endian)?,
+        (Some(dynph), true) => read_dynamic(&src, &dynph, table, lay)?,
         _ => Dynamic::default(),
     };
     // Built once from what was read: assigning into a made struct drops its empty Vec through
@@ -277,7 +361,7 @@ struct Dynamic {
 }
 
 /// A PT_LOAD checked as the kernel and ld.so would check it, widening the loaded span.
-fn load_span(ph: &ProgramHeader, file_size: u64, span: &mut Option<(u64, u64)>) -> Result<(), ElfError> {
+fn load_span(ph: &Phdr, file_size: u64, span: &mut Option<(u64, u64)>) -> Result<(), ElfError> {
     // What the kernel and ld.so would refuse, refused here with a clear word (a bad
     // segment handed on can make qemu or ld.so spin instead of failing).
     if ph.p_filesz > ph.p_memsz {
@@ -310,7 +394,7 @@ fn zeroed(len: usize) -> Vec<u8> {
 }
 
 /// PT_INTERP's path, up to its first NUL.
-fn read_interp(src: &Source, ph: &ProgramHeader) -> Result<Vec<u8>, ElfError> {
+fn read_interp(src: &Source, ph: &Phdr) -> Result<Vec<u8>, ElfError> {
     if ph.p_filesz < 2 || ph.p_filesz > MAX_INTERP {
         return Err(ElfError::Malformed("PT_INTERP size out of range"));
     }
@@ -333,9 +417,8 @@ fn read_some(file: &File, buf: &mut [u8]) -> Result<usize, ElfError> {
 }
 
 /// File offset of virtual address `vaddr`, through the PT_LOAD that maps it from the file.
-fn vaddr_to_offset(phdrs: &[ProgramHeader], vaddr: u64) -> Option<(u64, u64)> {
-    phdrs
-        .iter()
+fn vaddr_to_offset(lay: Layout, table: &[u8], vaddr: u64) -> Option<(u64, u64)> {
+    lay.phdrs(table)
         .filter(|p| p.p_type == PT_LOAD)
         .find_map(|p| {
             let rel = vaddr.checked_sub(p.p_vaddr)?;
@@ -344,33 +427,19 @@ fn vaddr_to_offset(phdrs: &[ProgramHeader], vaddr: u64) -> Option<(u64, u64)> {
         .and_then(|(o, avail)| Some((o?, avail)))
 }
 
-fn read_dynamic(
-    src: &Source,
-    dynph: &ProgramHeader,
-    phdrs: &[ProgramHeader],
-    class: Class,
-    endian: Endian,
-) -> Result<Dynamic, ElfError> {
-    let entsize: usize = if class == Class::Elf64 { 16 } else { 8 };
+fn read_dynamic(src: &Source, dynph: &Phdr, table: &[u8], lay: Layout) -> Result<Dynamic, ElfError> {
+    let entsize: usize = if lay.class == Class::Elf64 { 16 } else { 8 };
     let len = dynph.p_filesz.min(MAX_DYNAMIC_BYTES) as usize / entsize * entsize;
     if len == 0 {
         return Ok(Dynamic::default());
     }
     let mut buf = zeroed(len);
     src.exact_at(&mut buf, dynph.p_offset, "the dynamic section")?;
-    let word = |b: &[u8]| -> u64 {
-        match (class, endian) {
-            (Class::Elf64, Endian::Little) => u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])),
-            (Class::Elf64, Endian::Big) => u64::from_be_bytes(b[..8].try_into().unwrap_or([0; 8])),
-            (Class::Elf32, Endian::Little) => u32::from_le_bytes(b[..4].try_into().unwrap_or([0; 4])) as u64,
-            (Class::Elf32, Endian::Big) => u32::from_be_bytes(b[..4].try_into().unwrap_or([0; 4])) as u64,
-        }
-    };
     let half = entsize / 2;
     let (mut strtab, mut strsz, mut runpath, mut rpath) = (None, None, None, None);
     let mut needed: Vec<u64> = Vec::with_capacity((len / entsize).min(MAX_NEEDED));
     for ent in buf.chunks_exact(entsize) {
-        let (tag, val) = (word(&ent[..half]), word(&ent[half..]));
+        let (tag, val) = (lay.word(ent, 0), lay.word(ent, half));
         match tag {
             DT_NULL => break,
             DT_NEEDED if needed.len() < MAX_NEEDED => needed.push(val),
@@ -385,7 +454,7 @@ fn read_dynamic(
         return Ok(Dynamic::default());
     };
     // DT_STRTAB is an address; in ET_DYN files it is relative to the load base 0, as the vaddrs are.
-    let Some((str_off, avail)) = vaddr_to_offset(phdrs, strtab) else {
+    let Some((str_off, avail)) = vaddr_to_offset(lay, table, strtab) else {
         return Err(ElfError::Malformed("DT_STRTAB is not inside a loaded segment"));
     };
     let strsz = strsz.unwrap_or(avail).min(avail);
@@ -640,6 +709,50 @@ pub(crate) mod tests {
             let mut bad = good.clone();
             bad[i] = 0xff;
             let _ = facts_of(&bad);
+        }
+    }
+
+    /// The hand-written decoding reads every header and program-header field as goblin (the
+    /// reference it replaced on the hot path, still a dependency for the image code) reads it: both
+    /// classes, both byte orders, random bytes in every field.
+    #[test]
+    fn header_and_program_headers_decode_as_goblin_decodes_them() {
+        use goblin::container::{Container, Ctx};
+        use goblin::elf::program_header::ProgramHeader;
+        let mut rng = crate::interp::fuzz::Rng(0x5eed_0fe1_f0ca_fe11);
+        for round in 0..4000 {
+            let (class, container, ehsize) =
+                if round % 2 == 0 { (Class::Elf64, Container::Big, 64) } else { (Class::Elf32, Container::Little, 52) };
+            let (endian, gendian, data) = if round % 4 < 2 {
+                (Endian::Little, goblin::container::Endian::Little, 1)
+            } else {
+                (Endian::Big, goblin::container::Endian::Big, 2)
+            };
+            let lay = Layout { class, endian };
+            let n = 1 + rng.below(6);
+            let mut b: Vec<u8> = (0..ehsize + n * lay.phentsize()).map(|_| rng.next() as u8).collect();
+            b[..4].copy_from_slice(b"\x7fELF");
+            b[4] = if class == Class::Elf64 { 2 } else { 1 };
+            b[5] = data;
+            let h = goblin::elf::Elf::parse_header(&b).unwrap();
+            assert_eq!(lay.phdr_table(&b), (h.e_phoff, h.e_phentsize, h.e_phnum), "round {round}");
+            assert_eq!((lay.u16(&b, 16), lay.u16(&b, 18)), (h.e_type, h.e_machine), "round {round}");
+            let table = &b[ehsize..];
+            let theirs = ProgramHeader::parse(table, 0, n, Ctx::new(container, gendian)).unwrap();
+            assert_eq!(ProgramHeader::size(Ctx::new(container, gendian)), lay.phentsize());
+            let ours: Vec<Phdr> = lay.phdrs(table).collect();
+            let theirs: Vec<Phdr> = theirs
+                .iter()
+                .map(|p| Phdr {
+                    p_type: p.p_type,
+                    p_offset: p.p_offset,
+                    p_vaddr: p.p_vaddr,
+                    p_filesz: p.p_filesz,
+                    p_memsz: p.p_memsz,
+                    p_align: p.p_align,
+                })
+                .collect();
+            assert_eq!(ours, theirs, "round {round}");
         }
     }
 
