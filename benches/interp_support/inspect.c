@@ -2,8 +2,9 @@
  * nixqimg cannot do without for a static program, in C, with no allocation and no parsing. lstat of
  * its own path and an open of nixqimg.conf beside it (its settings inside a Nix build, where the
  * environment is empty); open, pread of the first 4 KiB and fstat of the program (class, machine,
- * PT_INTERP); stat of qemu; then wrap.c's execve. nixqimg's cost over this is its own code; this
- * one's cost over wrap.c is what reading the ELF costs in any language. */
+ * PT_INTERP); then wrap.c's execve, with no stat of qemu first (nixqimg finds qemu by exec'ing it).
+ * nixqimg's cost over this is its own code; this one's cost over wrap.c is what reading the ELF
+ * costs in any language. */
 #include <fcntl.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -26,11 +27,10 @@ int main(int argc, char **argv) {
   if (c >= 0) close(c);
   int fd = open(argv[1], O_RDONLY | O_CLOEXEC);
   if (fd < 0 || pread(fd, head, sizeof head, 0) < 64 || fstat(fd, &st) != 0) return 126;
-  if (stat(QEMU, &st) != 0) return 127;
   int n = 0;
   a[n++] = QEMU; a[n++] = "-0"; a[n++] = argv[2]; a[n++] = "--"; a[n++] = argv[1];
   for (int i = 3; i < argc && n < 255; i++) a[n++] = argv[i];
   a[n] = 0;
   execv(QEMU, a);
-  return 126;
+  return 127;
 }
