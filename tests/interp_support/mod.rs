@@ -55,7 +55,7 @@ fn cc(out: &Path, flags: &[&str]) {
     run(Command::new("aarch64-linux-gnu-gcc").args(["-O2", "-o"]).arg(out).args(flags).arg(src));
 }
 
-fn patchelf(file: &Path, args: &[&OsStr]) {
+pub fn patchelf(file: &Path, args: &[&OsStr]) {
     need("patchelf", "patchelf");
     run(Command::new("patchelf").args(args).arg(file));
 }
