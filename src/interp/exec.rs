@@ -120,41 +120,80 @@ pub fn page_size() -> u64 {
 }
 
 /// Replaces this process with the plan's program. Returns only the error of a failed exec.
+pub fn exec(plan: &Plan) -> io::Error {
+    match Execve::new(plan) {
+        Some(mut call) => call.exec(&plan.exe),
+        None => nul_error(),
+    }
+}
+
+/// What execve refuses before it looks at the file: a string with a NUL byte in it.
+pub fn nul_error() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "an argument or environment entry contains a NUL byte")
+}
+
+/// The plan's arguments after argv[0] and its environment, made into execve's arrays once, so that
+/// trying one qemu after another (src/interp/mod.rs) builds them once, not once per candidate.
 ///
 /// Every string goes into one NUL-separated buffer with one pointer array per list: a CString each
 /// (an allocation, a copy and a NUL scan per argument and environment entry) was the largest part of
 /// the interpreter's own work before its execve.
-pub fn exec(plan: &Plan) -> io::Error {
-    let all = || {
-        std::iter::once(plan.exe.as_os_str()).chain(plan.argv.iter().map(|a| &**a)).chain(plan.env.iter().map(|e| &**e))
-    };
-    let mut buf: Vec<u8> = Vec::with_capacity(all().map(|s| s.len() + 1).sum());
-    let mut starts = Vec::with_capacity(1 + plan.argv.len() + plan.env.len());
-    for s in all() {
-        if s.as_bytes().contains(&0) {
-            return io::Error::new(io::ErrorKind::InvalidInput, "an argument or environment entry contains a NUL byte");
+pub struct Execve {
+    /// Each string followed by its NUL; never changed after `new`, so the pointers stay valid.
+    _buf: Vec<u8>,
+    /// argv[0] (set by `exec`), the plan's other arguments, a null pointer.
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+impl Execve {
+    /// None when a string holds a NUL byte ([`nul_error`]).
+    pub fn new(plan: &Plan) -> Option<Execve> {
+        let rest = plan.argv.get(1..).unwrap_or_default();
+        let all = || rest.iter().chain(plan.env.iter()).map(|a| &**a);
+        let mut buf: Vec<u8> = Vec::with_capacity(all().map(|s| s.len() + 1).sum());
+        let mut starts = Vec::with_capacity(rest.len() + plan.env.len());
+        for s in all() {
+            if s.as_bytes().contains(&0) {
+                return None;
+            }
+            starts.push(buf.len());
+            buf.extend_from_slice(s.as_bytes());
+            buf.push(0);
         }
-        starts.push(buf.len());
-        buf.extend_from_slice(s.as_bytes());
-        buf.push(0);
+        let at = |i: usize| buf[starts[i]..].as_ptr().cast::<libc::c_char>();
+        // Filled by push into exact capacity: collect() and grow calls are generic code in pages of
+        // their own (this path is counted in page faults, see benches/interp).
+        let mut argv = Vec::with_capacity(rest.len() + 2);
+        argv.push(std::ptr::null());
+        for i in 0..rest.len() {
+            argv.push(at(i));
+        }
+        argv.push(std::ptr::null());
+        let mut envp = Vec::with_capacity(plan.env.len() + 1);
+        for i in rest.len()..starts.len() {
+            envp.push(at(i));
+        }
+        envp.push(std::ptr::null());
+        Some(Execve { _buf: buf, argv, envp })
     }
-    let at = |i: usize| buf[starts[i]..].as_ptr().cast::<libc::c_char>();
-    // Filled by push into exact capacity: collect() and grow calls are generic code in pages of their
-    // own (this path is counted in page faults, see benches/interp).
-    let list = |r: std::ops::Range<usize>| {
-        let mut v = Vec::with_capacity(r.len() + 1);
-        for i in r {
-            v.push(at(i));
+
+    /// execve of `exe`, which is also the program's argv[0]. Returns only the error of a failed exec.
+    pub fn exec(&mut self, exe: &Path) -> io::Error {
+        let b = exe.as_os_str().as_bytes();
+        if b.contains(&0) {
+            return nul_error();
         }
-        v.push(std::ptr::null());
-        v
-    };
-    let argv = list(1..1 + plan.argv.len());
-    let envp = list(1 + plan.argv.len()..starts.len());
-    // SAFETY: every pointer is into `buf`, which holds each string followed by its NUL and is neither
-    // moved nor freed before execve returns; both arrays end with a null pointer, as execve requires.
-    unsafe { libc::execve(at(0), argv.as_ptr(), envp.as_ptr()) };
-    io::Error::last_os_error()
+        let mut path = Vec::with_capacity(b.len() + 1);
+        path.extend_from_slice(b);
+        path.push(0);
+        self.argv[0] = path.as_ptr().cast();
+        // SAFETY: every pointer is into `path` or the buffer `new` filled, each string followed by its
+        // NUL; neither is changed or freed before execve returns; both arrays end with a null pointer,
+        // as execve requires.
+        unsafe { libc::execve(self.argv[0], self.argv.as_ptr(), self.envp.as_ptr()) };
+        io::Error::last_os_error()
+    }
 }
 
 /// Is this process chrooted? Its root differs from init's (`/proc/1/root`), or, where init's root

@@ -148,10 +148,16 @@ fn run(args: &[&OsStr]) -> Result<Never, Fail> {
         return Err(logged_exec(&req, plan, &cfg));
     }
     let names = qemu_names(facts.arch);
+    // The arrays execve takes are built once; each candidate changes only the path, which execve
+    // also gets as argv[0] (plan.argv[0] is not read again).
+    let mut call = exec::Execve::new(&plan);
     for dir in &cfg.qemu_dirs {
         for name in &names {
-            aim(&mut plan, dir, name);
-            let e = exec::exec(&plan);
+            plan.exe = paths::join(dir, name);
+            let e = match &mut call {
+                Some(c) => c.exec(&plan.exe),
+                None => exec::nul_error(),
+            };
             // Each candidate is exec'd outright, and only a failed exec asks whether it is a file at
             // all: a qemu that is a file but cannot start (a dynamic qemu whose loader the sandbox
             // hides fails with ENOENT too) is reported, as when it was looked for first. A stat per
@@ -181,8 +187,8 @@ fn qemu_names(arch: &Arch) -> [OsString; 2] {
     [name("-static"), name("")]
 }
 
-/// Points the plan at `dir/name` as the qemu to exec: its path and its argv[0]. Joined twice rather
-/// than cloned: Vec's clone is generic code outside the hot text.
+/// Points the plan at `dir/name` as the qemu to exec, its path and its argv[0], so that the log shows
+/// the command line as made.
 fn aim(plan: &mut plan::Plan, dir: &Path, name: &OsStr) {
     plan.exe = paths::join(dir, name);
     if let Some(a0) = plan.argv.first_mut() {
