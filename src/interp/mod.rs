@@ -150,7 +150,9 @@ fn run(args: &[&OsStr]) -> Result<Never, Fail> {
     let names = qemu_names(facts.arch);
     // The arrays execve takes are built once; each candidate changes only the path, which execve
     // also gets as argv[0] (plan.argv[0] is not read again).
-    let mut call = exec::Execve::new(&plan);
+    // SAFETY: `environ` was made from these very pointers (environ_view), and nothing here sets a
+    // variable before the exec.
+    let mut call = unsafe { exec::Execve::with_environ(&plan, &environ, environ_ptrs()) };
     for dir in &cfg.qemu_dirs {
         for name in &names {
             plan.exe = paths::join(dir, name);
@@ -398,25 +400,35 @@ pub fn environ() -> Vec<OsString> {
 /// The entries stay valid only while nobody changes the environment: setenv may free a string an
 /// earlier setenv made. The caller must set no variable while the result is alive.
 unsafe fn environ_view() -> Vec<&'static OsStr> {
+    // SAFETY: as environ_ptrs says; the caller keeps the strings alive by changing no variable.
+    let ptrs = unsafe { environ_ptrs() };
+    let mut out = Vec::with_capacity(ptrs.len());
+    for &p in ptrs {
+        // SAFETY: each pointer is a NUL-terminated string libc set up (environ_ptrs).
+        out.push(OsStr::from_bytes(unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes()));
+    }
+    out
+}
+
+/// The process's `environ` array, without its terminating null pointer.
+///
+/// # Safety
+/// As for [`environ_view`]: valid only while nobody changes the environment.
+unsafe fn environ_ptrs() -> &'static [*const libc::c_char] {
     extern "C" {
         static environ: *const *const libc::c_char;
     }
-    // SAFETY: `environ` is the NUL-terminated array of NUL-terminated strings the kernel and libc set
-    // up; this single-threaded code reads it while nothing modifies it, and the caller keeps the
-    // strings alive by changing no variable (see above).
+    // SAFETY: `environ` is the null-terminated array of NUL-terminated strings the kernel and libc
+    // set up; this single-threaded code reads it while nothing modifies it.
     unsafe {
         let p = environ;
         if p.is_null() {
-            return Vec::new();
+            return &[];
         }
         let mut n = 0;
         while !(*p.add(n)).is_null() {
             n += 1;
         }
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            out.push(OsStr::from_bytes(std::ffi::CStr::from_ptr(*p.add(i)).to_bytes()));
-        }
-        out
+        std::slice::from_raw_parts(p, n)
     }
 }
