@@ -34,15 +34,22 @@ extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
         // process and written by nobody: borrowed, not copied (the interpreter hands them on).
         args.push(unsafe { OsStr::from_bytes(CStr::from_ptr(*argv.add(i)).to_bytes()) });
     }
-    run(&args) as c_int
+    let argv: &[*const c_char] = if argv.is_null() {
+        &[]
+    } else {
+        // SAFETY: argv holds argc pointers, as above, alive for the process; `args` was made from
+        // them, index for index.
+        unsafe { std::slice::from_raw_parts(argv, n) }
+    };
+    run(&args, argv) as c_int
 }
 
 /// Interpreter or command line. In the unit-test build the harness owns `main`; allowing dead code
 /// here keeps this function (and so everything it reaches) a root for the lint.
 #[cfg_attr(test, allow(dead_code))]
-fn run(args: &[&std::ffi::OsStr]) -> u8 {
+fn run(args: &[&std::ffi::OsStr], argv: &[*const std::ffi::c_char]) -> u8 {
     let code = if interp::started_by_binfmt(args.first().copied()) {
-        interp::main(args)
+        interp::main(args, argv)
     } else {
         cli::main(args.iter().map(|a| a.to_os_string()).collect())
     };

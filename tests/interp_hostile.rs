@@ -309,24 +309,24 @@ fn cc_static(src: &str, out: &Path) {
 
 /// Issue 12: the page faults one exec costs, counted by the kernel (the rusage of the whole exec
 /// chain minus the stand-in's own, so deterministic where timings are not), for the shipped static
-/// binary, a four-variable environment (and once a Nix build's) and no address randomisation. Every file runs from a
-/// directory whose path has the same length on every machine and checkout: the stack's strings
-/// and the heap's paths then lie the same, and the bounds can be the counts themselves. Measured
-/// here, the same on every run: 5 for a static program, 7 loader-first (a relocated
-/// bootstrap-tools loader), 8 for the static one in a Nix build's share of environment; the C
-/// program reading the ELF in benches/interp_support/inspect.c costs 8 for the static one in the
-/// small environment. The code of 65d88ac took 18 and 27; with the borrowed argv and environment
-/// but without the link order (src/interp/text-order.ld), 19 and 22; with tracing-subscriber's
-/// thread-locals (an mmap'd TLS block, see the test above), 13 and 15; with the read-only data
-/// spread over three 64 KiB windows, the program headers in a segment of their own and musl's
-/// variables a page away from the arena's head, 12 and 14; with the hot code over two 64 KiB
-/// windows, 8 and 10, as also when LTO left std's Path::to_path_buf outside the hot text
+/// binary, a four-variable environment (and once a Nix build's) and no address randomisation. Every
+/// file runs from a directory whose path has the same length on every machine and checkout: the
+/// stack's strings and the heap's paths then lie the same, and the bounds can be the counts
+/// themselves. Measured here, the same on every run: 5 for a static program, 7 loader-first (a
+/// relocated bootstrap-tools loader), 9 for the static one with a Nix build's share of environment
+/// and arguments; the C program reading the ELF in benches/interp_support/inspect.c costs 8 for the
+/// static one in the small environment. The code of 65d88ac took 18 and 27; with the borrowed argv
+/// and environment but without the link order (src/interp/text-order.ld), 19 and 22; with
+/// tracing-subscriber's thread-locals (an mmap'd TLS block, see the test above), 13 and 15; with
+/// the read-only data spread over three 64 KiB windows, the program headers in a segment of their
+/// own and musl's variables a page away from the arena's head, 12 and 14; with the hot code over
+/// two 64 KiB windows, 8 and 10, as also when LTO left std's Path::to_path_buf outside the hot text
 /// (e45fbb6); with the TLS image a page before .bss and the arena's head a page after (7ed8171), 7
-/// and 9; with the environment copied for execve instead of passed as the process's own strings, 9
-/// in the Nix-like one. They assume the kernel's default fault-around (64 KiB, as on every kernel
-/// these tests run on).
+/// and 9; with the arguments copied for execve instead of passed as the process's own strings, 10
+/// in the Nix-like run, 12 with the environment copied too. They assume the kernel's default
+/// fault-around (64 KiB, as on every kernel these tests run on).
 #[test]
-fn the_static_binary_costs_at_most_5_to_8_page_faults_per_exec() {
+fn the_static_binary_costs_at_most_5_to_9_page_faults_per_exec() {
     let f = fixtures();
     // /tmp/nixqimg-faults-PPPPPPPPPP: one length whatever the pid and the checkout.
     let dir = PathBuf::from(format!("/tmp/nixqimg-faults-{:010}", std::process::id()));
@@ -362,20 +362,21 @@ fn the_static_binary_costs_at_most_5_to_8_page_faults_per_exec() {
     patchelf(&ldf, &["--force-rpath".as_ref(), "--set-rpath".as_ref(), lib.as_os_str()]);
     // The stand-in registered itself, then nixqimg in front of it, for each program. A fixed, small
     // environment: the interpreter's heap pages follow its size (cargo's alone adds two).
-    // A third run of the static program has a Nix build's share of environment: 45 variables of
-    // store paths, 5 KiB, made the same on every run.
+    // A third run of the static program has a Nix build's share of environment and a compiler's of
+    // arguments: 45 variables of store paths (5 KiB) and 45 -I flags (3 KiB), the same every run.
     let script = r#"
         reg() { printf '%s' ":f:M::$MAGIC:$MASK:$1:PF" > /proc/sys/fs/binfmt_misc/register; }
-        nixenv=()
+        nixenv=() nixargs=()
         for i in $(seq -w 1 45); do
           h=$(printf '%032d' "$i"); nixenv+=("NIXVAR$i=/nix/store/$h-package-$i/bin:/nix/store/$h-package-$i/lib")
+          nixargs+=("-I/nix/store/$h-package-$i/include")
         done
         for run in "$STATIC" "$LDF" "$STATIC nix"; do
-          set -- $run; p=$1; extra=(); [ $# = 1 ] || extra=("${nixenv[@]}")
-          reg "$FAKE"; setarch -R env -i "${extra[@]}" PATH=/usr/bin:/bin "$DRIVER" 25 "$p" | sed "s|^|base |"
+          set -- $run; p=$1; extra=() args=(); [ $# = 1 ] || { extra=("${nixenv[@]}"); args=("${nixargs[@]}"); }
+          reg "$FAKE"; setarch -R env -i "${extra[@]}" PATH=/usr/bin:/bin "$DRIVER" 25 "$p" "${args[@]}" | sed "s|^|base |"
           echo -1 > /proc/sys/fs/binfmt_misc/f
           reg "$NIXQIMG"; setarch -R env -i "${extra[@]}" PATH=/usr/bin:/bin HOME=/root LANG=C.UTF-8 \
-            NIXQIMG_QEMU_DIR="${FAKE%/*}" PROBE_MODE=exit:0 "$DRIVER" 25 "$p" | sed "s|^|nixqimg |"
+            NIXQIMG_QEMU_DIR="${FAKE%/*}" PROBE_MODE=exit:0 "$DRIVER" 25 "$p" "${args[@]}" | sed "s|^|nixqimg |"
           echo -1 > /proc/sys/fs/binfmt_misc/f; echo end
         done"#;
     let envs: Vec<(&str, &OsStr)> = vec![
@@ -399,7 +400,7 @@ fn the_static_binary_costs_at_most_5_to_8_page_faults_per_exec() {
     };
     let blocks: Vec<&str> = text.split("end\n").filter(|b| !b.trim().is_empty()).collect();
     assert_eq!(blocks.len(), 3, "{text}");
-    let bounds = [("static", 5), ("loader-first", 7), ("static, Nix-like environment", 8)];
+    let bounds = [("static", 5), ("loader-first", 7), ("static, Nix-like environment and arguments", 9)];
     for ((name, bound), block) in bounds.into_iter().zip(blocks) {
         let added = median(block, "nixqimg ") - median(block, "base ");
         eprintln!("{name}: {added} page faults per exec by nixqimg (bound {bound})");

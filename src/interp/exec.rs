@@ -152,13 +152,35 @@ pub fn nul_error() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "an argument or environment entry contains a NUL byte")
 }
 
+/// Strings of the process's own, its arguments or its environment: as the views the interpreter
+/// reads and as the C strings they were made from, index for index ([`Execve::with_own`]).
+#[derive(Clone, Copy)]
+pub struct Own<'a> {
+    pub view: &'a [&'a OsStr],
+    pub ptrs: &'a [*const libc::c_char],
+}
+
+impl Own<'_> {
+    pub const NONE: Own<'static> = Own { view: &[], ptrs: &[] };
+
+    fn len(&self) -> usize {
+        self.view.len().min(self.ptrs.len())
+    }
+
+    /// Is `s` entry `j`, the same bytes at the same address?
+    fn is(&self, j: usize, s: &OsStr) -> bool {
+        let v = self.view[j];
+        v.as_bytes().as_ptr() == s.as_bytes().as_ptr() && v.len() == s.len()
+    }
+}
+
 /// The plan's arguments after argv[0] and its environment, made into execve's arrays once, so that
 /// trying one qemu after another (src/interp/mod.rs) builds them once, not once per candidate.
 ///
 /// Strings are copied into one NUL-separated buffer, with one pointer array per list: a CString each
 /// (an allocation, a copy and a NUL scan per argument and environment entry) was the largest part of
 /// the interpreter's own work before its execve. Environment entries that are the process's own
-/// strings are not copied at all (see [`Execve::with_environ`]).
+/// strings are not copied at all (see [`Execve::with_own`]).
 pub struct Execve {
     /// Each copied string followed by its NUL; never changed after `new`, so the pointers stay valid.
     _buf: Vec<u8>,
@@ -171,32 +193,42 @@ impl Execve {
     /// None when a string holds a NUL byte ([`nul_error`]).
     pub fn new(plan: &Plan) -> Option<Execve> {
         // SAFETY: empty lists make no claim.
-        unsafe { Execve::with_environ(plan, &[], &[]) }
+        unsafe { Execve::with_own(plan, Own::NONE, Own::NONE) }
     }
 
-    /// As [`Execve::new`], with the plan's environment entries that are entries of `view` (the same
-    /// bytes at the same address) passed to execve as the C strings `ptrs` holds for them, not
-    /// copied and not scanned for NUL bytes. In a Nix build's environment (45 variables, 4.6 KiB)
-    /// the copies had the arena touch two more pages per exec, each a page fault, and the scan cost
-    /// five instructions a byte. The plan keeps the entries in reverse (src/interp/plan.rs), so one
-    /// walk down the lists finds them; after the first entry not found, the rest are copied.
+    /// As [`Execve::new`], with the strings the plan borrows from the process's own arguments and
+    /// environment passed to execve as the C strings they already are: not copied and not scanned for
+    /// NUL bytes. In a Nix build's environment (45 variables, 4.6 KiB) the copies had the arena touch
+    /// two more pages per exec, each a page fault, and the scan cost five instructions a byte; a
+    /// compiler's arguments run to kilobytes too. A string counts as the process's own when it is an
+    /// entry of a view (the same bytes at the same address). The plan ends its argv with the
+    /// program's arguments in order and keeps the environment in reverse (src/interp/plan.rs), so one
+    /// walk back along each list finds them; from the first string not found on, the rest are copied.
     ///
     /// # Safety
-    /// `view` and `ptrs` have the same length, and each `ptrs[j]` is a NUL-terminated string, valid
-    /// and unchanged until the exec, whose bytes before the NUL are exactly `view[j]`.
-    pub unsafe fn with_environ(plan: &Plan, view: &[&OsStr], ptrs: &[*const libc::c_char]) -> Option<Execve> {
+    /// For `args` and for `env`: each `ptrs[j]` is a NUL-terminated string, valid and unchanged
+    /// until the exec, whose bytes before the NUL are exactly `view[j]`.
+    pub unsafe fn with_own(plan: &Plan, args: Own, env: Own) -> Option<Execve> {
         let rest = plan.argv.get(1..).unwrap_or_default();
+        // The longest tail of `rest` that is the tail of the process's arguments.
+        let mut tail = 0;
+        while tail < rest.len() && tail < args.len() {
+            if !args.is(args.len() - 1 - tail, &rest[rest.len() - 1 - tail]) {
+                break;
+            }
+            tail += 1;
+        }
+        let head = &rest[..rest.len() - tail];
         let mut envp: Vec<*const libc::c_char> = Vec::with_capacity(plan.env.len() + 1);
-        let mut copied = rest.iter().map(|a| a.len() + 1).sum::<usize>();
+        let mut copied = head.iter().map(|a| a.len() + 1).sum::<usize>();
         let mut misses = 0;
-        let mut j = view.len().min(ptrs.len());
+        let mut j = env.len();
         for kv in &plan.env {
             let mut own = None;
             while j > 0 {
                 j -= 1;
-                let v = view[j];
-                if v.as_bytes().as_ptr() == kv.as_bytes().as_ptr() && v.len() == kv.len() {
-                    own = Some(ptrs[j]);
+                if env.is(j, kv) {
+                    own = Some(env.ptrs[j]);
                     break;
                 }
             }
@@ -215,14 +247,14 @@ impl Execve {
         }
         envp.push(std::ptr::null());
         let mut buf: Vec<u8> = Vec::with_capacity(copied);
-        let mut starts = Vec::with_capacity(rest.len() + misses);
-        for a in rest {
+        let mut starts = Vec::with_capacity(head.len() + misses);
+        for a in head {
             if has_nul(a.as_bytes()) {
                 return None;
             }
         }
         let copies = plan.env.iter().zip(&envp).filter(|(_, p)| p.is_null()).map(|(kv, _)| kv);
-        for s in rest.iter().chain(copies) {
+        for s in head.iter().chain(copies) {
             starts.push(buf.len());
             buf.extend_from_slice(s.as_bytes());
             buf.push(0);
@@ -232,11 +264,14 @@ impl Execve {
         // their own (this path is counted in page faults, see benches/interp).
         let mut argv = Vec::with_capacity(rest.len() + 2);
         argv.push(std::ptr::null());
-        for i in 0..rest.len() {
+        for i in 0..head.len() {
             argv.push(at(i));
         }
+        for j in args.len() - tail..args.len() {
+            argv.push(args.ptrs[j]);
+        }
         argv.push(std::ptr::null());
-        let mut next = rest.len();
+        let mut next = head.len();
         let last = envp.len() - 1;
         for p in &mut envp[..last] {
             if p.is_null() {
@@ -317,14 +352,14 @@ mod tests {
         // SAFETY (here and below): ptrs[j] is the C string view[j] was made from, alive to the end.
         // Reversed, one left out, as plan() hands them over: all three passed by pointer.
         let p = plan(vec![view[3], view[2], view[0]]);
-        let e = unsafe { Execve::with_environ(&p, &view, &ptrs) }.unwrap();
+        let e = unsafe { Execve::with_own(&p, Own::NONE, Own { view: &view, ptrs: &ptrs }) }.unwrap();
         assert_eq!(e.envp[..3], [ptrs[3], ptrs[2], ptrs[0]]);
         assert_eq!(strings(&e.envp), [b"C=4".to_vec(), b"B=3".to_vec(), b"A=1".to_vec()]);
         assert_eq!(strings(&e.argv[1..]), [b"-0".to_vec()]);
         // A string of its own, a prefix at an environment string's address, and everything after the
         // first miss: copied, with the same bytes.
         let p = plan(vec![view[3], made, prefix, view[0]]);
-        let e = unsafe { Execve::with_environ(&p, &view, &ptrs) }.unwrap();
+        let e = unsafe { Execve::with_own(&p, Own::NONE, Own { view: &view, ptrs: &ptrs }) }.unwrap();
         assert_eq!(e.envp[0], ptrs[3]);
         assert!(!e.envp[1..4].contains(&ptrs[2]) && !e.envp[1..4].contains(&ptrs[0]));
         assert_eq!(strings(&e.envp), [b"C=4".to_vec(), b"D=5".to_vec(), b"B=".to_vec(), b"A=1".to_vec()]);
@@ -333,6 +368,44 @@ mod tests {
         assert!(!e.envp.contains(&ptrs[3]));
         assert_eq!(strings(&e.envp).len(), 4);
         assert!(Execve::new(&plan(vec![OsStr::from_bytes(b"E=\0x")])).is_none());
+    }
+
+    #[test]
+    fn the_programs_own_arguments_at_the_end_are_passed_as_they_are() {
+        use crate::interp::plan::Mode;
+        use std::borrow::Cow;
+        use std::ffi::CString;
+        let own: Vec<CString> = ["nixqimg", "/p", "a0", "x", "y z"].map(|s| CString::new(s).unwrap()).into();
+        let view: Vec<&OsStr> = own.iter().map(|c| OsStr::from_bytes(c.to_bytes())).collect();
+        let ptrs: Vec<*const libc::c_char> = own.iter().map(|c| c.as_ptr()).collect();
+        let lit = |s: &'static str| Cow::Borrowed(OsStr::new(s));
+        fn plan(argv: Vec<Cow<'_, OsStr>>) -> Plan<'_> {
+            Plan { exe: "/q".into(), argv, env: Vec::new(), mode: Mode::Direct, why: Vec::new() }
+        }
+        // SAFETY (both calls below): ptrs[j] is the C string view[j] was made from, alive to the end.
+        let args = Own { view: &view, ptrs: &ptrs };
+        // As plan() makes it: argv0 borrowed mid-way, the program's path made absolute, then the
+        // arguments. Only the tail that is the process's own goes by pointer.
+        let p = plan(vec![
+            lit("/q"),
+            lit("-0"),
+            Cow::Borrowed(view[2]),
+            lit("--"),
+            lit("/abs/p"),
+            Cow::Borrowed(view[3]),
+            Cow::Borrowed(view[4]),
+        ]);
+        let e = unsafe { Execve::with_own(&p, args, Own::NONE) }.unwrap();
+        assert_eq!(e.argv[5..7], [ptrs[3], ptrs[4]]);
+        assert!(!e.argv.contains(&ptrs[2]), "argv0 is not in the tail: copied");
+        let want: Vec<Vec<u8>> =
+            ["-0", "a0", "--", "/abs/p", "x", "y z"].iter().map(|s| s.as_bytes().to_vec()).collect();
+        assert_eq!(strings(&e.argv[1..]), want);
+        // A tail that stops matching (a copy of "y z" at another address) is copied from there back.
+        let p = plan(vec![lit("/q"), Cow::Borrowed(view[3]), lit("y z")]);
+        let e = unsafe { Execve::with_own(&p, args, Own::NONE) }.unwrap();
+        assert!(!e.argv.contains(&ptrs[3]) && !e.argv.contains(&ptrs[4]));
+        assert_eq!(strings(&e.argv[1..]), [b"x".to_vec(), b"y z".to_vec()]);
     }
 
     #[test]

@@ -49,10 +49,11 @@ struct Fail {
     code: u8,
 }
 
-/// Runs the interpreter; returns the exit code only when it could not exec qemu.
-pub fn main(args: &[&OsStr]) -> u8 {
+/// Runs the interpreter; returns the exit code only when it could not exec qemu. `argv` holds the C
+/// strings `args` was made from, index for index, or nothing.
+pub fn main(args: &[&OsStr], argv: &[*const libc::c_char]) -> u8 {
     let path = args.get(1).copied().unwrap_or_default();
-    match run(args) {
+    match run(args, argv) {
         Ok(never) => match never {},
         Err(f) => {
             let _ = std::io::stderr().write_all(&error_line(path.as_bytes(), &f.what, f.hint));
@@ -95,7 +96,7 @@ pub fn error_line(path: &[u8], what: &str, hint: &str) -> Vec<u8> {
 
 enum Never {}
 
-fn run(args: &[&OsStr]) -> Result<Never, Fail> {
+fn run(args: &[&OsStr], argv: &[*const libc::c_char]) -> Result<Never, Fail> {
     if args.len() < 3 {
         return Err(Fail {
             what: "started as a binfmt_misc interpreter without the P flag's argv".into(),
@@ -150,9 +151,12 @@ fn run(args: &[&OsStr]) -> Result<Never, Fail> {
     let names = qemu_names(facts.arch);
     // The arrays execve takes are built once; each candidate changes only the path, which execve
     // also gets as argv[0] (plan.argv[0] is not read again).
-    // SAFETY: `environ` was made from these very pointers (environ_view), and nothing here sets a
-    // variable before the exec.
-    let mut call = unsafe { exec::Execve::with_environ(&plan, &environ, environ_ptrs()) };
+    let own_args = exec::Own { view: args, ptrs: argv };
+    // SAFETY: read while nothing changes the environment (environ_view's own condition).
+    let own_env = exec::Own { view: &environ, ptrs: unsafe { environ_ptrs() } };
+    // SAFETY: `environ` was made from these very pointers (environ_view), `args` from `argv` (the
+    // caller's promise); nothing here sets a variable or writes an argument before the exec.
+    let mut call = unsafe { exec::Execve::with_own(&plan, own_args, own_env) };
     for dir in &cfg.qemu_dirs {
         for name in &names {
             plan.exe = paths::join(dir, name);
